@@ -1,0 +1,11 @@
+//! tidepool: a replica-aware PostgreSQL proxy.
+//!
+//! The module layout follows the data flow:
+//! `frontend` (listener → startup/auth → session) → `route` (classify → policy)
+//! → `pool` (server connections) → PostgreSQL, with `topology` (who is primary,
+//! who is up) beside it and `demo` bootstrapping local clusters for the demo,
+//! the tests and the benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod route;

@@ -1,0 +1,2 @@
+//! Routing: what a statement needs (`classify`) and where it goes (`policy`).
+pub mod classify;
