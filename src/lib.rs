@@ -3,9 +3,15 @@
 //! The module layout follows the data flow:
 //! `frontend` (listener → startup/auth → session) → `route` (classify → policy)
 //! → `pool` (server connections) → PostgreSQL, with `topology` (who is primary,
-//! who is up) beside it and `demo` bootstrapping local clusters for the demo,
-//! the tests and the benchmarks.
+//! who is up) beside it, `proxy` wiring them together, and `demo` bootstrapping
+//! local clusters for the demo, the tests and the benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod demo;
+pub mod frontend;
+pub mod pool;
+pub mod protocol;
+pub mod proxy;
 pub mod route;
+pub mod topology;

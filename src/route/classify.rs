@@ -1,1 +1,335 @@
+//! What a statement needs from the cluster: a replica, the primary, or the
+//! proxy itself.
+//!
+//! Classification fails closed: whatever is not recognized as read-only,
+//! including everything sqlparser cannot parse, goes to the primary. A read
+//! sent to the primary only costs load; a write sent to a replica fails.
+//!
+//! Verdicts of the parser are cached by [`fingerprint`] because parsing
+//! costs more than the rest of the proxy's per-query work. That is sound
+//! because the parser-based verdict never looks at the values of constants;
+//! the statements whose intent does depend on them (proxy commands) or that
+//! sqlparser mishandles (transaction control) are recognized before the
+//! cache by a keyword pre-check.
 
+use std::num::NonZeroUsize;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use lru::LruCache;
+use sqlparser::ast::{
+    CopyTarget, Expr, ObjectName, Query, Select, Statement, TableFactor, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use crate::route::fingerprint::fingerprint;
+
+mod precheck;
+#[cfg(test)]
+mod tests;
+
+/// What a statement needs from the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    /// Read-only: any replica fresh enough may serve it.
+    Read,
+    /// Must run on the primary: writes, side effects, DDL, session state,
+    /// anything unknown or unparsable.
+    Write,
+    /// `BEGIN` / `START TRANSACTION`, read-only when it says `READ ONLY`.
+    Begin { read_only: bool },
+    /// `SET TRANSACTION ... READ ONLY` inside a transaction.
+    SetTransactionReadOnly,
+    /// `COMMIT` / `END` / `ROLLBACK` / `ABORT` (not `ROLLBACK TO SAVEPOINT`,
+    /// `COMMIT AND CHAIN` or the two-phase forms, which are [`Intent::Write`]).
+    End,
+    /// A command for the proxy itself, never forwarded.
+    Proxy(ProxyCommand),
+}
+
+/// `SET` / `RESET` / `SHOW` of a `tidepool.<name>` setting, recognized only
+/// as the sole statement of a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyCommand {
+    /// `SET tidepool.<name> = <value>` or `TO <value>`. The value is
+    /// unquoted or case-folded as PostgreSQL would; the proxy validates it.
+    Set { name: String, value: String },
+    /// `RESET tidepool.<name>` or `SET tidepool.<name> TO DEFAULT`.
+    Reset { name: String },
+    /// `SHOW tidepool.<name>`.
+    Show { name: String },
+}
+
+/// Cache effectiveness, for metrics: a low hit rate means the application
+/// sends many distinct statement shapes and the capacity is too small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// Classifies statements, caching the parser's verdicts per statement shape.
+pub struct Classifier {
+    /// `None` when built with capacity 0, which disables caching.
+    cache: Option<Mutex<LruCache<u64, Access>>>,
+    extra_write_functions: Vec<String>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Classifier {
+    /// `extra_write_functions` names site-specific functions with side
+    /// effects, matched like the built-in list: case-insensitively on the
+    /// last dotted component, whatever the schema.
+    pub fn new(cache_capacity: usize, extra_write_functions: &[String]) -> Classifier {
+        Classifier {
+            cache: NonZeroUsize::new(cache_capacity).map(|cap| Mutex::new(LruCache::new(cap))),
+            extra_write_functions: extra_write_functions.to_vec(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Safe to call from any thread; the cache lock is held only for one
+    /// map lookup or insert, never while parsing.
+    pub fn classify(&self, sql: &str) -> Intent {
+        if let Some(intent) = precheck::quick_intent(sql) {
+            return intent;
+        }
+        let Some(cache) = &self.cache else {
+            return parse_access(sql, &self.extra_write_functions).into();
+        };
+        let key = fingerprint(sql);
+        let cached = lock(cache).get(&key).copied();
+        if let Some(access) = cached {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return access.into();
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let access = parse_access(sql, &self.extra_write_functions);
+        lock(cache).put(key, access);
+        access.into()
+    }
+
+    /// Counts only statements that reached the cache: proxy commands,
+    /// transaction control and empty queries bypass it.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The lock is only held for a map operation that cannot leave the cache
+/// inconsistent, so a panic elsewhere while holding it is no reason to stop
+/// classifying.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Classification without a cache, for tests and one-off use.
+pub fn classify_uncached(sql: &str, extra_write_functions: &[String]) -> Intent {
+    precheck::quick_intent(sql).unwrap_or_else(|| parse_access(sql, extra_write_functions).into())
+}
+
+/// The only outcomes the cache may hold: they depend on the statement's
+/// shape alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+impl From<Access> for Intent {
+    fn from(access: Access) -> Intent {
+        match access {
+            Access::Read => Intent::Read,
+            Access::Write => Intent::Write,
+        }
+    }
+}
+
+/// Read only if every statement in the text is; transaction control and
+/// proxy commands mixed with other statements make it a write, so the whole
+/// text runs on the primary.
+fn parse_access(sql: &str, extra_write_functions: &[String]) -> Access {
+    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return Access::Write;
+    };
+    let mut guard = ReadOnlyGuard {
+        extra_write_functions,
+    };
+    match statements.visit(&mut guard) {
+        ControlFlow::Continue(()) => Access::Read,
+        ControlFlow::Break(()) => Access::Write,
+    }
+}
+
+/// Walks every node of the parsed text, including nested statements,
+/// subqueries and function arguments, and breaks at the first one that may
+/// write or depend on session state.
+struct ReadOnlyGuard<'a> {
+    extra_write_functions: &'a [String],
+}
+
+fn check(read_only: bool) -> ControlFlow<()> {
+    if read_only {
+        ControlFlow::Continue(())
+    } else {
+        ControlFlow::Break(())
+    }
+}
+
+impl ReadOnlyGuard<'_> {
+    fn is_write_function(&self, name: &ObjectName) -> bool {
+        let Some(last) = name.0.last() else {
+            return true;
+        };
+        let Some(ident) = last.as_ident() else {
+            return true;
+        };
+        let name = ident.value.as_str();
+        WRITE_FUNCTIONS.iter().any(|f| name.eq_ignore_ascii_case(f))
+            || WRITE_FUNCTION_PREFIXES.iter().any(|p| {
+                name.as_bytes()
+                    .get(..p.len())
+                    .is_some_and(|head| head.eq_ignore_ascii_case(p.as_bytes()))
+            })
+            || self.extra_write_functions.iter().any(|f| {
+                let configured = f.rsplit('.').next().unwrap_or(f);
+                name.eq_ignore_ascii_case(configured.trim())
+            })
+    }
+}
+
+impl Visitor for ReadOnlyGuard<'_> {
+    type Break = ();
+
+    /// Statements are allow-listed; nested ones matter too, e.g. the
+    /// `INSERT` of a data-modifying CTE or the statement under `EXPLAIN`.
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        check(match statement {
+            Statement::Query(_) => true,
+            Statement::Explain {
+                analyze, options, ..
+            } => {
+                // `EXPLAIN (ANALYZE false)` is rare enough not to look at
+                // the argument, which keeps the verdict literal-independent.
+                !analyze
+                    && !options.iter().flatten().any(|o| {
+                        o.name.value.eq_ignore_ascii_case("analyze")
+                            || o.name.value.eq_ignore_ascii_case("analyse")
+                    })
+            }
+            Statement::Copy { to, target, .. } => *to && matches!(target, CopyTarget::Stdout),
+            // `SHOW tidepool.x` is answered by the proxy only as the sole
+            // statement; the proxy cannot splice its answer into the
+            // results of a longer text, so that text goes to the primary.
+            Statement::ShowVariable { variable } => variable
+                .first()
+                .is_none_or(|v| !v.value.eq_ignore_ascii_case("tidepool")),
+            _ => false,
+        })
+    }
+
+    /// Row locks take the lock on the primary only; the other clauses are
+    /// other dialects' syntax the PostgreSQL server would reject anyway.
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        check(
+            query.locks.is_empty()
+                && query.for_clause.is_none()
+                && query.settings.is_none()
+                && query.format_clause.is_none()
+                && query.pipe_operators.is_empty(),
+        )
+    }
+
+    /// `SELECT ... INTO` creates a table.
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        check(select.into.is_none())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        match expr {
+            Expr::Function(function) => check(!self.is_write_function(&function.name)),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+
+    /// Set-returning functions in `FROM` are not expressions in the AST;
+    /// plain table names (`args: None`) are not calls.
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            }
+            | TableFactor::Function { name, .. } => check(!self.is_write_function(name)),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
+/// Functions that write, take locks, or read or change state that lives
+/// only on the primary or only in this session, so that calling them on a
+/// replica fails or answers for the wrong server. Matched on the last name
+/// component, so `pg_catalog.nextval` counts too.
+const WRITE_FUNCTIONS: &[&str] = &[
+    // Sequences: writes, and currval/lastval read session state.
+    "nextval",
+    "setval",
+    "currval",
+    "lastval",
+    // Transaction ids are assigned on the primary only.
+    "txid_current",
+    "txid_current_if_assigned",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    "pg_export_snapshot",
+    // Session state and notifications.
+    "pg_notify",
+    "set_config",
+    "setseed",
+    // Server administration: acts on the server that runs it.
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_switch_wal",
+    "pg_walfile_name",
+    "pg_walfile_name_offset",
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_promote",
+    "pg_log_backend_memory_contexts",
+    "pg_import_system_collations",
+    "pg_drop_replication_slot",
+    "pg_replication_slot_advance",
+    "pg_logical_emit_message",
+    "pg_stat_statements_reset",
+    // Large objects by descriptor.
+    "loread",
+    "lowrite",
+];
+
+/// Function families matched by prefix, see [`WRITE_FUNCTIONS`].
+const WRITE_FUNCTION_PREFIXES: &[&str] = &[
+    "pg_advisory_",
+    "pg_try_advisory_",
+    "lo_",
+    "dblink",
+    "pg_current_wal_",
+    "pg_create_",
+    "pg_copy_",
+    "pg_replication_origin_",
+    "pg_logical_slot_",
+    "pg_stat_reset",
+    "pg_wal_replay_",
+    "pg_file_",
+];

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what is missing, then runs
+# fmt, clippy (warnings are errors) and every test against real clusters.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql-15)
+command -v psql >/dev/null || missing+=(postgresql-client-15)
+command -v pgbench >/dev/null || missing+=(postgresql-client-15)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast
+else
+    cargo test --no-fail-fast
+fi

@@ -1,0 +1,418 @@
+//! The configuration contract (design.md): one TOML file, typed, validated at
+//! start so that a bad value is refused with the key that holds it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// PostgreSQL protocol listener.
+    pub address: String,
+    /// HTTP listener for metrics, health and topology.
+    pub admin: String,
+    /// Beyond this many clients, new connections get 53300 instead of a hang.
+    pub max_clients: usize,
+    /// A client that has not finished startup and authentication by then is dropped.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// On SIGTERM, open transactions get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Largest client message accepted (PostgreSQL's own limit is 1 GiB).
+    pub max_message_size: usize,
+    /// PEM certificate chain and key: when both are set, clients may use TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:6432".into(),
+            admin: "127.0.0.1:9930".into(),
+            max_clients: 10_000,
+            startup_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            max_message_size: 64 << 20,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// A server connection is held from a transaction's first message to its end.
+    Transaction,
+    /// A server connection is held for the client's lifetime.
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Server connections per node per (user, database).
+    pub size: usize,
+    /// How long a client waits for a server connection before 53300.
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// Connecting and authenticating to a server must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle server connections are closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Server connections are closed (when idle) after this age.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// A connection idle longer than this is checked with an empty query before reuse.
+    #[serde(with = "humantime_serde")]
+    pub health_check_after: Duration,
+    /// Prepared statements kept per server connection before the least recently used is closed.
+    pub prepared_statements_cap: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            mode: PoolMode::Transaction,
+            size: 20,
+            checkout_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            health_check_after: Duration::from_secs(30),
+            prepared_statements_cap: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyMode {
+    Eventual,
+    ReadYourWrites,
+    Monotonic,
+    Strong,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub consistency: ConsistencyMode,
+    pub max_replica_lag_bytes: u64,
+    /// Functions that have side effects beyond the built-in list (nextval, ...).
+    pub write_functions: Vec<String>,
+    /// Statement classifications cached, keyed by a literal-free fingerprint.
+    pub classify_cache_size: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            consistency: ConsistencyMode::ReadYourWrites,
+            max_replica_lag_bytes: 16 << 20,
+            write_functions: Vec::new(),
+            classify_cache_size: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Every node of the cluster; roles are discovered, not configured.
+    pub nodes: Vec<String>,
+    pub admin_user: String,
+    pub admin_password: Secret,
+    /// How often every node is polled for its role and health.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoordinatorLoss {
+    RefuseWrites,
+    Continue,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    pub etcd: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failover_timeout: Duration,
+    pub on_coordinator_loss: CoordinatorLoss,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            etcd: Vec::new(),
+            lease_ttl: Duration::from_secs(5),
+            failover_timeout: Duration::from_secs(3),
+            on_coordinator_loss: CoordinatorLoss::RefuseWrites,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Used both to authenticate the client (SCRAM) and to log in to the servers.
+    pub password: Secret,
+    /// Let this user authenticate with md5 instead of SCRAM-SHA-256.
+    #[serde(default)]
+    pub allow_md5: bool,
+}
+
+/// A password or token: its `Debug` never shows it, so no log line can.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr("listen.address", &self.listen.address)?;
+        parse_addr("listen.admin", &self.listen.admin)?;
+        if self.listen.max_clients == 0 {
+            return Err(invalid("listen.max_clients", "must be at least 1"));
+        }
+        if self.listen.max_message_size < 1024 {
+            return Err(invalid(
+                "listen.max_message_size",
+                "must be at least 1024 bytes",
+            ));
+        }
+        if self.listen.tls_cert.is_some() != self.listen.tls_key.is_some() {
+            return Err(invalid(
+                "listen.tls_cert",
+                "tls_cert and tls_key must be set together",
+            ));
+        }
+        if self.pool.size == 0 {
+            return Err(invalid("pool.size", "must be at least 1"));
+        }
+        if self.pool.checkout_timeout.is_zero() {
+            return Err(invalid("pool.checkout_timeout", "must be more than 0"));
+        }
+        if self.pool.connect_timeout.is_zero() {
+            return Err(invalid("pool.connect_timeout", "must be more than 0"));
+        }
+        if self.pool.prepared_statements_cap == 0 {
+            return Err(invalid(
+                "pool.prepared_statements_cap",
+                "must be at least 1",
+            ));
+        }
+        if self.routing.classify_cache_size == 0 {
+            return Err(invalid("routing.classify_cache_size", "must be at least 1"));
+        }
+        if self.cluster.nodes.is_empty() {
+            return Err(invalid("cluster.nodes", "must list at least one node"));
+        }
+        for (i, node) in self.cluster.nodes.iter().enumerate() {
+            parse_addr(&format!("cluster.nodes[{i}]"), node)?;
+        }
+        if self.cluster.admin_user.is_empty() {
+            return Err(invalid("cluster.admin_user", "must not be empty"));
+        }
+        if self.cluster.poll_interval < Duration::from_millis(10) {
+            return Err(invalid("cluster.poll_interval", "must be at least 10ms"));
+        }
+        if self.coordinator.lease_ttl < Duration::from_secs(1) {
+            return Err(invalid("coordinator.lease_ttl", "must be at least 1s"));
+        }
+        if self.users.is_empty() {
+            return Err(invalid("users", "at least one [[users]] entry is needed"));
+        }
+        for (i, user) in self.users.iter().enumerate() {
+            if user.name.is_empty() {
+                return Err(invalid(&format!("users[{i}].name"), "must not be empty"));
+            }
+            if self.users[..i].iter().any(|u| u.name == user.name) {
+                return Err(invalid(
+                    &format!("users[{i}].name"),
+                    format!("user {:?} is listed twice", user.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.address.parse().expect("validated")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.listen.admin.parse().expect("validated")
+    }
+
+    pub fn node_addrs(&self) -> Vec<SocketAddr> {
+        self.cluster
+            .nodes
+            .iter()
+            .map(|n| n.parse().expect("validated"))
+            .collect()
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?} is not an IP:port address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[cluster]
+nodes = ["127.0.0.1:5432", "127.0.0.1:5433"]
+admin_user = "postgres"
+admin_password = "pw"
+
+[[users]]
+name = "app"
+password = "app"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(config.pool.mode, PoolMode::Transaction);
+        assert_eq!(config.pool.size, 20);
+        assert_eq!(config.routing.consistency, ConsistencyMode::ReadYourWrites);
+        assert_eq!(config.node_addrs().len(), 2);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tidepool.toml");
+        Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[pool]\nsize = 0\n", "pool.size"),
+            ("[pool]\nmode = \"statement\"\n", "mode"),
+            ("[listen]\naddress = \"nowhere\"\n", "listen.address"),
+            ("[routing]\nconsistency = \"sometimes\"\n", "consistency"),
+            ("[pool]\nsise = 3\n", "sise"),
+            ("[coordinator]\nlease_ttl = \"fast\"\n", "lease_ttl"),
+        ];
+        for (extra, key) in cases {
+            let err = Config::parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert!(err.to_string().contains(key), "{extra:?}: {err}");
+        }
+        let err =
+            Config::parse("[cluster]\nnodes = []\nadmin_user = \"p\"\nadmin_password = \"\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("cluster.nodes"), "{err}");
+    }
+
+    #[test]
+    fn debug_never_shows_passwords() {
+        let config = Config::parse(MINIMAL).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("\"pw\""), "{shown}");
+        assert!(!shown.contains("password: \"app\""), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+}

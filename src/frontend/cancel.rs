@@ -1,0 +1,102 @@
+//! Cancel keys: the proxy hands each client its own key and remembers which
+//! server connection, if any, is serving that client right now.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::protocol::backend::BackendKey;
+use crate::protocol::startup;
+
+struct Entry {
+    secret: i32,
+    /// The server connection currently serving the client.
+    target: Option<(SocketAddr, BackendKey)>,
+}
+
+#[derive(Clone, Default)]
+pub struct CancelRegistry {
+    entries: Arc<Mutex<HashMap<i32, Entry>>>,
+}
+
+/// A client's registration; dropping it forgets the key.
+pub struct CancelHandle {
+    registry: CancelRegistry,
+    pub key: BackendKey,
+}
+
+impl CancelRegistry {
+    pub fn register(&self) -> CancelHandle {
+        let mut rng = rand::thread_rng();
+        let mut entries = self.entries.lock().expect("cancel lock");
+        let key = loop {
+            let pid = rng.gen_range(1..i32::MAX);
+            if !entries.contains_key(&pid) {
+                break BackendKey {
+                    pid,
+                    secret: rng.r#gen(),
+                };
+            }
+        };
+        entries.insert(
+            key.pid,
+            Entry {
+                secret: key.secret,
+                target: None,
+            },
+        );
+        CancelHandle {
+            registry: self.clone(),
+            key,
+        }
+    }
+
+    /// Forwards a client's CancelRequest to the server connection serving it.
+    /// A wrong secret, an unknown key or an idle client: nothing happens, as
+    /// with PostgreSQL.
+    pub async fn cancel(&self, key: BackendKey) {
+        let target = {
+            let entries = self.entries.lock().expect("cancel lock");
+            entries
+                .get(&key.pid)
+                .filter(|e| e.secret == key.secret)
+                .and_then(|e| e.target)
+        };
+        let Some((addr, server_key)) = target else {
+            return;
+        };
+        match TcpStream::connect(addr).await {
+            Ok(mut stream) => {
+                let _ = stream.write_all(&startup::encode_cancel(server_key)).await;
+                let _ = stream.shutdown().await;
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "could not forward cancel request"),
+        }
+    }
+}
+
+impl CancelHandle {
+    pub fn set_target(&self, target: Option<(SocketAddr, BackendKey)>) {
+        if let Some(entry) = self
+            .registry
+            .entries
+            .lock()
+            .expect("cancel lock")
+            .get_mut(&self.key.pid)
+        {
+            entry.target = target;
+        }
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        if let Ok(mut entries) = self.registry.entries.lock() {
+            entries.remove(&self.key.pid);
+        }
+    }
+}

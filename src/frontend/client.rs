@@ -1,0 +1,93 @@
+//! A client's byte stream (plain or TLS) with read and write buffers.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::{Frame, ProtocolError, frame};
+
+/// Anything a client can speak over: TCP, or TLS over TCP.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
+
+/// Responses are gathered here and written in one go; past this size they are
+/// written at once so that a large result never piles up in memory.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+pub struct ClientConn {
+    io: Box<dyn ClientIo>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    max_message: usize,
+}
+
+impl ClientConn {
+    pub fn new(io: Box<dyn ClientIo>, max_message: usize) -> ClientConn {
+        ClientConn {
+            io,
+            read_buf: BytesMut::with_capacity(8 * 1024),
+            write_buf: BytesMut::with_capacity(8 * 1024),
+            max_message,
+        }
+    }
+
+    /// Reads more bytes; 0 means the client closed the connection.
+    /// Cancel-safe, so it can sit in a `select!`.
+    pub async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.read_buf.capacity() - self.read_buf.len() < 4096 {
+            self.read_buf.reserve(8 * 1024);
+        }
+        self.io.read_buf(&mut self.read_buf).await
+    }
+
+    /// The next complete message already received, if any.
+    pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        frame::try_split(&mut self.read_buf, self.max_message)
+    }
+
+    /// Waits for the next complete message; `None` when the client went away.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, ClientReadError> {
+        loop {
+            if let Some(frame) = self.try_frame()? {
+                return Ok(Some(frame));
+            }
+            if self.fill().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Queues a message; it goes out at the next `flush` (or sooner when the
+    /// buffer is large).
+    pub async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.send_bytes(frame.raw()).await
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_buf.extend_from_slice(bytes);
+        if self.write_buf.len() >= WRITE_HIGH_WATER {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.write_buf.is_empty() {
+            self.io.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+        }
+        self.io.flush().await
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+}

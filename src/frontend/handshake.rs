@@ -1,0 +1,183 @@
+//! Everything before a session: TLS negotiation, the startup packet, cancel
+//! requests, and client authentication.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::ClientError;
+use super::cancel::CancelRegistry;
+use super::client::{ClientConn, ClientIo};
+use super::users::{UserEntry, Users};
+use crate::protocol::backend;
+use crate::protocol::frontend::{PASSWORD, decode_sasl_initial};
+use crate::protocol::startup::{self, StartupMessage, StartupPacket};
+use crate::protocol::{Frame, ProtocolError};
+
+pub enum Opened {
+    /// A client that wants a session, not yet authenticated.
+    Startup {
+        client: ClientConn,
+        startup: StartupMessage,
+    },
+    /// A cancel request: answered (by closing) once forwarded.
+    Cancelled,
+}
+
+/// Reads packets until a StartupMessage or CancelRequest, upgrading to TLS
+/// when asked and configured.
+pub async fn open(
+    mut tcp: TcpStream,
+    tls: Option<&TlsAcceptor>,
+    cancels: &CancelRegistry,
+    max_message: usize,
+) -> Result<Opened, ClientError> {
+    loop {
+        let packet = startup::decode(&read_packet(&mut tcp).await?)?;
+        if let (StartupPacket::SslRequest, Some(acceptor)) = (&packet, tls) {
+            tcp.write_all(b"S").await?;
+            let mut io = acceptor.accept(tcp).await?;
+            loop {
+                let packet = startup::decode(&read_packet(&mut io).await?)?;
+                if let Some(opened) = answer(packet, &mut io, cancels).await? {
+                    return finish(opened, Box::new(io), max_message).await;
+                }
+            }
+        }
+        if let Some(opened) = answer(packet, &mut tcp, cancels).await? {
+            return finish(opened, Box::new(tcp), max_message).await;
+        }
+    }
+}
+
+enum Answered {
+    Cancelled,
+    Startup(StartupMessage),
+}
+
+/// Answers one startup-phase packet; `None` when another packet should follow.
+async fn answer(
+    packet: StartupPacket,
+    io: &mut (impl AsyncWrite + Unpin),
+    cancels: &CancelRegistry,
+) -> Result<Option<Answered>, ClientError> {
+    match packet {
+        StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+            io.write_all(b"N").await?;
+            Ok(None)
+        }
+        StartupPacket::Cancel(key) => {
+            cancels.cancel(key).await;
+            Ok(Some(Answered::Cancelled))
+        }
+        StartupPacket::Startup(startup) => Ok(Some(Answered::Startup(startup))),
+    }
+}
+
+async fn finish(
+    answered: Answered,
+    io: Box<dyn ClientIo>,
+    max_message: usize,
+) -> Result<Opened, ClientError> {
+    let startup = match answered {
+        Answered::Cancelled => return Ok(Opened::Cancelled),
+        Answered::Startup(startup) => startup,
+    };
+    let mut client = ClientConn::new(io, max_message);
+    if startup.minor_version > 0 {
+        let options: Vec<&str> = startup
+            .params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        client
+            .send(&startup::negotiate_protocol_version(&options))
+            .await?;
+    }
+    Ok(Opened::Startup { client, startup })
+}
+
+async fn read_packet(io: &mut (impl AsyncRead + Unpin)) -> Result<BytesMut, ClientError> {
+    let mut packet = BytesMut::zeroed(4);
+    io.read_exact(&mut packet).await?;
+    let len = startup::packet_len(&packet)?.expect("four bytes read");
+    packet.resize(len, 0);
+    io.read_exact(&mut packet[4..]).await?;
+    Ok(packet)
+}
+
+/// Authenticates the client as `user`: SCRAM-SHA-256, or md5 where allowed.
+pub async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<(), ClientError> {
+    let fail = || ClientError::AuthFailed(user.name.clone());
+    if user.allow_md5 {
+        let salt: [u8; 4] = rand::random();
+        client.send(&backend::auth_md5(salt)).await?;
+        client.flush().await?;
+        let frame = expect_password(client).await?;
+        let expected = postgres_protocol::authentication::md5_hash(
+            user.name.as_bytes(),
+            user.password.expose().as_bytes(),
+            salt,
+        );
+        let given = frame.body().strip_suffix(b"\0").unwrap_or(frame.body());
+        if given != expected.as_bytes() {
+            return Err(fail());
+        }
+    } else {
+        client.send(&backend::auth_sasl(&["SCRAM-SHA-256"])).await?;
+        client.flush().await?;
+        let frame = expect_password(client).await?;
+        let (mechanism, first) = decode_sasl_initial(&frame)?;
+        if mechanism != b"SCRAM-SHA-256" {
+            return Err(ClientError::Protocol(ProtocolError::Malformed(
+                "SASL mechanism not offered",
+            )));
+        }
+        let (server_first, waiting) = user
+            .scram
+            .on_client_first_message_with_secret(first, user.scram_secret())
+            .map_err(|_| fail())?;
+        client
+            .send(&backend::auth_sasl_continue(server_first.as_bytes()))
+            .await?;
+        client.flush().await?;
+        let frame = expect_password(client).await?;
+        let server_final = waiting
+            .on_client_final_message(frame.body())
+            .map_err(|_| fail())?;
+        client
+            .send(&backend::auth_sasl_final(server_final.as_bytes()))
+            .await?;
+    }
+    client.send(&backend::auth_ok()).await?;
+    Ok(())
+}
+
+async fn expect_password(client: &mut ClientConn) -> Result<Frame, ClientError> {
+    match client.read_frame().await? {
+        Some(frame) if frame.tag() == PASSWORD => Ok(frame),
+        Some(frame) => Err(ProtocolError::Unexpected(frame.tag() as char).into()),
+        None => Err(ClientError::Gone),
+    }
+}
+
+/// Looks up the user a StartupMessage names.
+pub fn find_user<'a>(
+    users: &'a Users,
+    startup: &StartupMessage,
+) -> Result<(&'a Arc<UserEntry>, String), ClientError> {
+    let name = startup
+        .get("user")
+        .ok_or(ClientError::Protocol(ProtocolError::Malformed(
+            "StartupMessage without user",
+        )))?;
+    let user = users
+        .get(name)
+        .ok_or_else(|| ClientError::UnknownUser(name.to_owned()))?;
+    let database = startup.get("database").unwrap_or(name).to_owned();
+    Ok((user, database))
+}

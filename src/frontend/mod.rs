@@ -1,0 +1,159 @@
+//! The client side: accept connections, run startup and authentication, then
+//! hand each client to its session.
+pub mod cancel;
+pub mod client;
+pub mod error;
+pub mod handshake;
+pub mod listener;
+pub mod session;
+pub mod users;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use self::cancel::CancelRegistry;
+use self::client::ClientConn;
+use self::error::{ClientError, RouteError};
+use self::handshake::Opened;
+use self::users::{UserEntry, Users};
+use crate::config::Config;
+use crate::pool::{PoolKey, Pools};
+use crate::protocol::backend::{self, TxStatus};
+use crate::route::classify::Classifier;
+use crate::route::policy::{Destination, ReplicaPicker};
+use crate::topology::SharedTopology;
+
+/// What every session shares: configuration, pools, topology, routing state.
+pub struct Shared {
+    pub config: Config,
+    pub users: Users,
+    pub pools: Pools,
+    pub topology: SharedTopology,
+    pub classifier: Classifier,
+    pub picker: ReplicaPicker,
+    pub cancels: CancelRegistry,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Serves one client connection from its first byte to its last.
+pub async fn serve_client(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!(
+        "client",
+        client.addr = %peer,
+        user = tracing::field::Empty,
+        db = tracing::field::Empty,
+    );
+    async move {
+        match start_session(&shared, tcp, shutdown).await {
+            Ok(()) | Err(ClientError::Gone) => tracing::debug!("client disconnected"),
+            Err(e) => tracing::info!(error = %e, "client session ended"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn start_session(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ClientError> {
+    let startup_timeout = shared.config.listen.startup_timeout;
+    let opened = tokio::time::timeout(
+        startup_timeout,
+        handshake::open(
+            tcp,
+            shared.tls.as_ref(),
+            &shared.cancels,
+            shared.config.listen.max_message_size,
+        ),
+    )
+    .await
+    .map_err(|_| ClientError::StartupTimeout)??;
+    let Opened::Startup {
+        mut client,
+        startup,
+    } = opened
+    else {
+        return Ok(());
+    };
+    let login = tokio::time::timeout(startup_timeout, async {
+        let (user, database) = handshake::find_user(&shared.users, &startup)?;
+        let user = user.clone();
+        tracing::Span::current().record("user", user.name.as_str());
+        tracing::Span::current().record("db", database.as_str());
+        handshake::authenticate(&mut client, &user).await?;
+        let params = server_parameters(shared, &user, &database).await?;
+        Ok::<_, ClientError>((user, database, params))
+    })
+    .await
+    .map_err(|_| ClientError::StartupTimeout)
+    .and_then(|r| r);
+    let (user, database, params) = match login {
+        Ok(login) => login,
+        Err(e) => return refuse(client, e).await,
+    };
+    for (name, value) in &params {
+        client.send(&backend::parameter_status(name, value)).await?;
+    }
+    let cancel = shared.cancels.register();
+    client.send(&cancel.key.encode()).await?;
+    client
+        .send(&backend::ready_for_query(TxStatus::Idle))
+        .await?;
+    client.flush().await?;
+    session::Session::new(shared.clone(), client, user, database, cancel, shutdown)
+        .run()
+        .await
+}
+
+/// Tells the client why it cannot have a session, then closes.
+async fn refuse(mut client: ClientConn, error: ClientError) -> Result<(), ClientError> {
+    if let Some(frame) = error.to_frame() {
+        let _ = client.send(&frame).await;
+    }
+    client.shutdown().await;
+    Err(error)
+}
+
+/// The ParameterStatus set a client gets at startup: the primary's (any
+/// usable node's when there is no primary). Checking a connection out also
+/// proves the database exists and the credentials work on the server.
+async fn server_parameters(
+    shared: &Shared,
+    user: &UserEntry,
+    database: &str,
+) -> Result<Vec<(String, String)>, ClientError> {
+    let nodes: Vec<_> = {
+        let topology = shared.topology.load();
+        let mut ids = shared.picker.candidates(&topology, Destination::Primary);
+        ids.extend(shared.picker.candidates(&topology, Destination::Replica));
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| (id, topology.node(id).addr))
+            .collect()
+    };
+    let mut last_error = RouteError::NoServer;
+    for (node, addr) in nodes {
+        let key = PoolKey {
+            node,
+            user: user.name.clone(),
+            database: database.to_owned(),
+        };
+        match shared.pools.checkout(&key, addr, &user.password).await {
+            Ok(conn) => return Ok(conn.params.clone()),
+            Err(e) => last_error = e.into(),
+        }
+    }
+    Err(last_error.into())
+}

@@ -1,0 +1,244 @@
+//! What the proxy expects back from a server, in order. The proxy inserts
+//! messages the client never sent (a Parse a server lacks, the BEGIN it held
+//! back) and owes the client replies the server never sends (a ParseComplete
+//! for a statement the server already holds); this queue keeps each response
+//! matched to the message it answers so those can be hidden or supplied at
+//! exactly the right place in the stream.
+
+use std::collections::VecDeque;
+
+use crate::protocol::Frame;
+use crate::protocol::backend::*;
+
+/// The kind of message a response answers; it decides which response ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Parse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Kind {
+    fn completed_by(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse => tag == PARSE_COMPLETE,
+            Kind::Bind => tag == BIND_COMPLETE,
+            Kind::Close => tag == CLOSE_COMPLETE,
+            Kind::Describe => tag == ROW_DESCRIPTION || tag == NO_DATA,
+            Kind::Execute => {
+                tag == COMMAND_COMPLETE || tag == EMPTY_QUERY || tag == PORTAL_SUSPENDED
+            }
+            Kind::Sync | Kind::Query | Kind::FunctionCall => tag == READY_FOR_QUERY,
+        }
+    }
+
+    /// An error skips everything up to the next of these, which still answer.
+    fn ends_batch(self) -> bool {
+        matches!(self, Kind::Sync | Kind::Query | Kind::FunctionCall)
+    }
+}
+
+/// Bookkeeping to undo when a Parse the proxy sent fails or is skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseUndo {
+    pub global: Vec<u8>,
+    /// The client's name for it, when the client's own Parse failed.
+    pub client_name: Option<Vec<u8>>,
+}
+
+#[derive(Debug)]
+pub enum Expect {
+    Reply {
+        kind: Kind,
+        /// False for messages the proxy inserted: their responses are hidden.
+        visible: bool,
+        undo: Option<ParseUndo>,
+    },
+    /// A response the client is owed that the server will not send.
+    Synthetic(Frame),
+}
+
+#[derive(Debug, Default)]
+pub struct Pending {
+    queue: VecDeque<Expect>,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+
+    pub fn push(&mut self, kind: Kind, visible: bool) {
+        self.queue.push_back(Expect::Reply {
+            kind,
+            visible,
+            undo: None,
+        });
+    }
+
+    pub fn push_parse(&mut self, visible: bool, undo: ParseUndo) {
+        self.queue.push_back(Expect::Reply {
+            kind: Kind::Parse,
+            visible,
+            undo: Some(undo),
+        });
+    }
+
+    pub fn push_synthetic(&mut self, frame: Frame) {
+        self.queue.push_back(Expect::Synthetic(frame));
+    }
+
+    /// COPY FROM STDIN started by Execute: the server ignores Sync until the
+    /// copy ends, so the Sync already sent behind the Execute gets no answer.
+    pub fn forget_next_sync(&mut self) {
+        if let Some(i) = self.queue.iter().position(|e| {
+            matches!(
+                e,
+                Expect::Reply {
+                    kind: Kind::Sync,
+                    ..
+                }
+            )
+        }) {
+            self.queue.remove(i);
+        }
+    }
+
+    /// Whether the oldest outstanding message is an Execute.
+    pub fn head_is_execute(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(Expect::Reply {
+                kind: Kind::Execute,
+                ..
+            })
+        )
+    }
+
+    /// A synthetic reply that is due now: everything sent before it has been answered.
+    pub fn pop_synthetic(&mut self) -> Option<Frame> {
+        match self.queue.front() {
+            Some(Expect::Synthetic(_)) => match self.queue.pop_front() {
+                Some(Expect::Synthetic(frame)) => Some(frame),
+                _ => unreachable!("front was synthetic"),
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether the client sees the responses now arriving.
+    pub fn head_visible(&self) -> bool {
+        match self.queue.front() {
+            Some(Expect::Reply { visible, .. }) => *visible,
+            _ => true,
+        }
+    }
+
+    /// A response (not an error, not ReadyForQuery's bookkeeping) arrived:
+    /// whether the client sees it.
+    pub fn on_reply(&mut self, tag: u8) -> bool {
+        let Some(Expect::Reply { kind, visible, .. }) = self.queue.front() else {
+            return true;
+        };
+        let visible = *visible;
+        if kind.completed_by(tag) {
+            self.queue.pop_front();
+        }
+        visible
+    }
+
+    /// An ErrorResponse arrived. In the extended protocol the server now skips
+    /// to the next Sync, so the messages it will not answer are dropped and
+    /// their Parse bookkeeping returned for undoing.
+    pub fn on_error(&mut self) -> (bool, Vec<ParseUndo>) {
+        let mut undone = Vec::new();
+        if let Some(Expect::Reply { kind, visible, .. }) = self.queue.front()
+            && kind.ends_batch()
+        {
+            return (*visible, undone);
+        }
+        while let Some(front) = self.queue.front() {
+            if let Expect::Reply { kind, .. } = front
+                && kind.ends_batch()
+            {
+                break;
+            }
+            if let Some(Expect::Reply {
+                undo: Some(undo), ..
+            }) = self.queue.pop_front()
+            {
+                undone.push(undo);
+            }
+        }
+        (true, undone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn undo(name: &str) -> ParseUndo {
+        ParseUndo {
+            global: name.as_bytes().to_vec(),
+            client_name: None,
+        }
+    }
+
+    #[test]
+    fn inserted_parse_is_hidden_and_synthetic_reply_waits_its_turn() {
+        let mut p = Pending::default();
+        p.push(Kind::Bind, true);
+        p.push_synthetic(parse_complete());
+        p.push_parse(false, undo("g"));
+        p.push(Kind::Execute, true);
+        p.push(Kind::Sync, true);
+        assert_eq!(p.pop_synthetic(), None);
+        assert!(p.on_reply(BIND_COMPLETE));
+        assert_eq!(p.pop_synthetic(), Some(parse_complete()));
+        assert!(!p.on_reply(PARSE_COMPLETE));
+        assert!(p.on_reply(DATA_ROW));
+        assert!(p.on_reply(COMMAND_COMPLETE));
+        assert!(p.on_reply(READY_FOR_QUERY));
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_returns_undo() {
+        let mut p = Pending::default();
+        p.push_parse(true, undo("a"));
+        p.push(Kind::Bind, true);
+        p.push_synthetic(close_complete());
+        p.push_parse(false, undo("b"));
+        p.push(Kind::Execute, true);
+        p.push(Kind::Sync, true);
+        let (visible, undone) = p.on_error();
+        assert!(visible);
+        assert_eq!(undone, vec![undo("a"), undo("b")]);
+        assert_eq!(p.pop_synthetic(), None);
+        assert!(p.on_reply(READY_FOR_QUERY));
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn errors_in_simple_queries_wait_for_ready() {
+        let mut p = Pending::default();
+        p.push(Kind::Query, false);
+        p.push(Kind::Query, true);
+        assert_eq!(p.on_error(), (false, vec![]));
+        assert!(!p.on_reply(COMMAND_COMPLETE));
+        assert!(!p.on_reply(READY_FOR_QUERY));
+        assert_eq!(p.on_error(), (true, vec![]));
+        assert!(p.on_reply(READY_FOR_QUERY));
+        assert!(p.is_empty());
+    }
+}

@@ -1,0 +1,10 @@
+//! Server connections and their pools, one pool per (node, user, database).
+pub mod manager;
+pub mod registry;
+pub mod server;
+
+pub use registry::{PoolKey, Pools};
+pub use server::{ServerConnection, ServerError};
+
+/// A pooled server connection: returned to its pool when dropped.
+pub type Checkout = deadpool::managed::Object<manager::ServerManager>;

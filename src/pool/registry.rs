@@ -1,0 +1,136 @@
+//! All pools, created on first use per (node, user, database).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use deadpool::Runtime;
+use deadpool::managed::{Pool, PoolError, Timeouts};
+
+use super::Checkout;
+use super::manager::ServerManager;
+use super::server::{Login, ServerError};
+use crate::config::{PoolConfig, Secret};
+use crate::topology::NodeId;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub node: NodeId,
+    pub user: String,
+    pub database: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("timed out after {0:?} waiting for a server connection")]
+    Exhausted(Duration),
+    #[error("could not connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: ServerError,
+    },
+    #[error("pool closed")]
+    Closed,
+}
+
+pub struct Pools {
+    settings: PoolConfig,
+    pools: Mutex<HashMap<PoolKey, Pool<ServerManager>>>,
+}
+
+impl Pools {
+    pub fn new(settings: PoolConfig) -> Pools {
+        Pools {
+            settings,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pool(&self, key: &PoolKey, addr: SocketAddr, password: &Secret) -> Pool<ServerManager> {
+        let mut pools = self.pools.lock().expect("pool map lock");
+        if let Some(pool) = pools.get(key) {
+            return pool.clone();
+        }
+        let manager = ServerManager {
+            node: key.node,
+            addr,
+            login: Login {
+                user: key.user.clone(),
+                password: password.clone(),
+                database: key.database.clone(),
+            },
+            connect_timeout: self.settings.connect_timeout,
+            max_lifetime: self.settings.max_lifetime,
+            health_check_after: self.settings.health_check_after,
+            prepared_cap: self.settings.prepared_statements_cap,
+        };
+        let pool = Pool::builder(manager)
+            .max_size(self.settings.size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.settings.checkout_timeout))
+            .create_timeout(Some(self.settings.connect_timeout))
+            .recycle_timeout(Some(self.settings.connect_timeout))
+            .build()
+            .expect("runtime and timeouts are set");
+        pools.insert(key.clone(), pool.clone());
+        pool
+    }
+
+    pub async fn checkout(
+        &self,
+        key: &PoolKey,
+        addr: SocketAddr,
+        password: &Secret,
+    ) -> Result<Checkout, CheckoutError> {
+        let pool = self.pool(key, addr, password);
+        pool.timeout_get(&Timeouts {
+            wait: Some(self.settings.checkout_timeout),
+            create: Some(self.settings.connect_timeout),
+            recycle: Some(self.settings.connect_timeout),
+        })
+        .await
+        .map_err(|e| match e {
+            PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
+                CheckoutError::Exhausted(self.settings.checkout_timeout)
+            }
+            PoolError::Timeout(_) => CheckoutError::Connect {
+                addr,
+                source: ServerError::Timeout,
+            },
+            PoolError::Backend(source) => CheckoutError::Connect { addr, source },
+            _ => CheckoutError::Closed,
+        })
+    }
+
+    /// Closes idle connections past `idle_timeout` or `max_lifetime`; run periodically.
+    pub fn reap(&self) {
+        let pools: Vec<_> = self
+            .pools
+            .lock()
+            .expect("pool map lock")
+            .values()
+            .cloned()
+            .collect();
+        for pool in pools {
+            pool.retain(|_, m| {
+                m.last_used() < self.settings.idle_timeout && m.age() < self.settings.max_lifetime
+            });
+        }
+    }
+
+    /// Drops every idle connection to `node` (it changed role or went away).
+    pub fn close_node(&self, node: NodeId) {
+        let pools: Vec<_> = self
+            .pools
+            .lock()
+            .expect("pool map lock")
+            .iter()
+            .filter(|(k, _)| k.node == node)
+            .map(|(_, p)| p.clone())
+            .collect();
+        for pool in pools {
+            pool.retain(|_, _| false);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! One authenticated connection to a PostgreSQL server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use lru::LruCache;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::Secret;
+use crate::protocol::backend::{
+    self, Auth, BackendKey, ErrorFields, TxStatus, decode_parameter_status,
+};
+use crate::protocol::{Frame, ProtocolError, frame, frontend, startup};
+use crate::topology::NodeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("protocol error from server: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The server said no (bad database, bad password, too many connections):
+    /// the client should see exactly what the server said.
+    #[error("{}", .0.message)]
+    Rejected(ErrorFields),
+    #[error("server asked for unsupported authentication ({0})")]
+    UnsupportedAuth(String),
+    #[error("server closed the connection")]
+    Closed,
+}
+
+/// Who a server connection logs in as.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub user: String,
+    pub password: Secret,
+    pub database: String,
+}
+
+pub struct ServerConnection {
+    pub stream: TcpStream,
+    /// Bytes read from the server but not yet handled.
+    pub read_buf: BytesMut,
+    pub node: NodeId,
+    pub addr: SocketAddr,
+    /// What a CancelRequest for this connection must quote.
+    pub key: BackendKey,
+    /// ParameterStatus values the server reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Prepared statements this connection holds, by proxy-global name.
+    pub prepared: LruCache<Vec<u8>, ()>,
+    /// Set by a session that hands the connection back idle; a connection
+    /// dropped any other way (mid-transaction, a panic) is never reused.
+    pub clean: bool,
+}
+
+impl ServerConnection {
+    pub async fn connect(
+        node: NodeId,
+        addr: SocketAddr,
+        login: &Login,
+        prepared_cap: usize,
+    ) -> Result<ServerConnection, ServerError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut conn = ServerConnection {
+            stream,
+            read_buf: BytesMut::with_capacity(16 * 1024),
+            node,
+            addr,
+            key: BackendKey { pid: 0, secret: 0 },
+            params: Vec::new(),
+            prepared: LruCache::new(prepared_cap.try_into().expect("validated cap > 0")),
+            clean: true,
+        };
+        conn.startup(login).await?;
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, login: &Login) -> Result<(), ServerError> {
+        let packet = startup::encode_startup(&[
+            ("user", &login.user),
+            ("database", &login.database),
+            ("application_name", "tidepool"),
+            ("client_encoding", "UTF8"),
+        ]);
+        self.stream.write_all(&packet).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag() {
+                backend::AUTHENTICATION => match Auth::decode(&frame)? {
+                    Auth::Ok => {}
+                    Auth::Cleartext => {
+                        self.send(&frontend::password(login.password.expose().as_bytes()))
+                            .await?
+                    }
+                    Auth::Md5 { salt } => {
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            login.user.as_bytes(),
+                            login.password.expose().as_bytes(),
+                            salt,
+                        );
+                        self.send(&frontend::password(hash.as_bytes())).await?
+                    }
+                    Auth::Sasl { mechanisms } => {
+                        if !mechanisms.iter().any(|m| *m == SCRAM_SHA_256.as_bytes()) {
+                            return Err(ServerError::UnsupportedAuth(
+                                "SASL without SCRAM-SHA-256".into(),
+                            ));
+                        }
+                        let exchange = ScramSha256::new(
+                            login.password.expose().as_bytes(),
+                            ChannelBinding::unsupported(),
+                        );
+                        let first =
+                            frontend::sasl_initial_response(SCRAM_SHA_256, exchange.message());
+                        scram = Some(exchange);
+                        self.send(&first).await?;
+                    }
+                    Auth::SaslContinue(data) => {
+                        let exchange = scram
+                            .as_mut()
+                            .ok_or(ProtocolError::Malformed("SASLContinue"))?;
+                        exchange.update(data)?;
+                        let reply = frontend::sasl_response(exchange.message());
+                        self.send(&reply).await?;
+                    }
+                    Auth::SaslFinal(data) => {
+                        scram
+                            .as_mut()
+                            .ok_or(ProtocolError::Malformed("SASLFinal"))?
+                            .finish(data)?;
+                    }
+                    Auth::Other(code) => {
+                        return Err(ServerError::UnsupportedAuth(format!("method {code}")));
+                    }
+                },
+                backend::PARAMETER_STATUS => self.params.push(decode_parameter_status(&frame)?),
+                backend::BACKEND_KEY_DATA => self.key = BackendKey::decode(&frame)?,
+                backend::ERROR_RESPONSE => {
+                    return Err(ServerError::Rejected(ErrorFields::decode(&frame)?));
+                }
+                backend::READY_FOR_QUERY => return Ok(()),
+                backend::NOTICE_RESPONSE | b'v' => {}
+                other => return Err(ProtocolError::Unexpected(other as char).into()),
+            }
+        }
+    }
+
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ServerError> {
+        self.stream.write_all(frame.raw()).await?;
+        Ok(())
+    }
+
+    /// Reads one whole message; only for startup and health checks, where
+    /// messages are small. Sessions stream the server's bytes instead.
+    pub async fn read_frame(&mut self) -> Result<Frame, ServerError> {
+        loop {
+            if let Some(frame) = frame::try_split(&mut self.read_buf, usize::MAX)? {
+                return Ok(frame);
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ServerError::Closed);
+            }
+        }
+    }
+
+    /// Runs an empty query: proves the connection is alive and idle.
+    pub async fn check(&mut self, timeout: Duration) -> Result<(), ServerError> {
+        tokio::time::timeout(timeout, async {
+            self.send(&frontend::query("")).await?;
+            loop {
+                let frame = self.read_frame().await?;
+                match frame.tag() {
+                    backend::READY_FOR_QUERY => {
+                        return match TxStatus::decode(&frame)? {
+                            TxStatus::Idle => Ok(()),
+                            _ => Err(ServerError::Protocol(ProtocolError::Malformed(
+                                "connection not idle",
+                            ))),
+                        };
+                    }
+                    backend::ERROR_RESPONSE => {
+                        return Err(ServerError::Rejected(ErrorFields::decode(&frame)?));
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| ServerError::Timeout)?
+    }
+
+    /// Runs a statement whose result the proxy does not need (session reset).
+    pub async fn execute(&mut self, sql: &str, timeout: Duration) -> Result<(), ServerError> {
+        tokio::time::timeout(timeout, async {
+            self.send(&frontend::query(sql)).await?;
+            let mut error = None;
+            loop {
+                let frame = self.read_frame().await?;
+                match frame.tag() {
+                    backend::ERROR_RESPONSE => error = Some(ErrorFields::decode(&frame)?),
+                    backend::READY_FOR_QUERY => {
+                        return match error {
+                            Some(e) => Err(ServerError::Rejected(e)),
+                            None => Ok(()),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| ServerError::Timeout)?
+    }
+}

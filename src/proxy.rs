@@ -1,0 +1,146 @@
+//! Wires the parts together: listener, monitor, pools, and their shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+
+use crate::config::Config;
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::{Shared, listener, users};
+use crate::pool::Pools;
+use crate::route::classify::Classifier;
+use crate::route::policy::ReplicaPicker;
+use crate::topology::monitor::{self, MonitorSettings};
+use crate::topology::{SharedTopology, Topology};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// A running proxy. Dropping it does not stop it; call `shutdown`.
+pub struct Proxy {
+    addr: SocketAddr,
+    topology: SharedTopology,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// How often idle server connections are checked against idle_timeout and max_lifetime.
+const REAP_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Proxy {
+    pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        let addr = config.listen_addr();
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let tls = tls_acceptor(&config)?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let topology = SharedTopology::new(Topology::unknown(&config.node_addrs()));
+        let monitor = monitor::start(
+            topology.clone(),
+            MonitorSettings {
+                admin_user: config.cluster.admin_user.clone(),
+                admin_password: config.cluster.admin_password.clone(),
+                poll_interval: config.cluster.poll_interval,
+                poll_timeout: config.pool.connect_timeout.min(Duration::from_secs(2)),
+            },
+            shutdown_rx.clone(),
+        )
+        .await;
+
+        let shared = Arc::new(Shared {
+            users: users::build(&config.users),
+            pools: Pools::new(config.pool.clone()),
+            topology: topology.clone(),
+            classifier: Classifier::new(
+                config.routing.classify_cache_size,
+                &config.routing.write_functions,
+            ),
+            picker: ReplicaPicker::default(),
+            cancels: CancelRegistry::default(),
+            tls,
+            config,
+        });
+        let reaper = {
+            let shared = shared.clone();
+            let mut shutdown = shutdown_rx.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(REAP_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => shared.pools.reap(),
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            })
+        };
+        let listener = tokio::spawn(listener::serve(listener, shared, shutdown_rx));
+        tracing::info!(%addr, "tidepool listening");
+        Ok(Proxy {
+            addr,
+            topology,
+            shutdown,
+            tasks: vec![listener, monitor, reaper],
+        })
+    }
+
+    /// The address clients connect to (the real port when configured with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn topology(&self) -> &SharedTopology {
+        &self.topology
+    }
+
+    /// Stops accepting, lets open transactions finish (up to
+    /// `listen.shutdown_timeout`), then stops everything else.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn tls_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, StartError> {
+    let (Some(cert), Some(key)) = (&config.listen.tls_cert, &config.listen.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))
+    };
+    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+        .map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| StartError::Tls(format!("{}: no private key found", key.display())))?;
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StartError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| StartError::Tls(e.to_string()))?;
+    Ok(Some(TlsAcceptor::from(Arc::new(server))))
+}

@@ -1,0 +1,135 @@
+//! Integration test support: a real cluster with tidepool in front of it.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tidepool::demo::{
+    self,
+    cluster::{Cluster, ClusterSpec},
+};
+use tidepool::proxy::Proxy;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+pub struct Harness {
+    pub cluster: Cluster,
+    pub proxy: Option<Proxy>,
+}
+
+impl Harness {
+    /// A primary, 2 replicas and a proxy on a free port; `extra` is appended
+    /// to the generated TOML configuration.
+    pub async fn start(extra: &str) -> Harness {
+        let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterSpec::default()))
+            .await
+            .unwrap()
+            .expect("cluster starts");
+        let config = demo::config(&cluster, "127.0.0.1:0", extra);
+        let proxy = Proxy::start(config).await.expect("proxy starts");
+        Harness {
+            cluster,
+            proxy: Some(proxy),
+        }
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("running")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.proxy().addr().port()
+    }
+
+    pub fn primary_port(&self) -> u16 {
+        self.cluster.primary().port
+    }
+
+    pub fn replica_ports(&self) -> HashSet<u16> {
+        self.cluster.replicas().iter().map(|n| n.port).collect()
+    }
+
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
+            self.port()
+        )
+    }
+
+    /// A client of the proxy as `app`.
+    pub async fn connect(&self) -> Client {
+        connect(&self.url("app", "app", "postgres"))
+            .await
+            .expect("connect through tidepool")
+    }
+
+    /// A client straight to the primary as the admin, for setup and checks.
+    pub async fn admin(&self) -> Client {
+        connect(&format!(
+            "host=127.0.0.1 port={} user=postgres password={} dbname=postgres",
+            self.primary_port(),
+            self.cluster.admin_password()
+        ))
+        .await
+        .expect("connect to primary")
+    }
+
+    pub async fn caught_up(&self) {
+        let cluster = &self.cluster;
+        tokio::task::block_in_place(|| cluster.wait_replicas_caught_up(Duration::from_secs(20)))
+            .expect("replicas catch up");
+    }
+
+    /// Environment for psql/pgbench pointed at the proxy.
+    pub fn pg_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PGHOST", "127.0.0.1".into()),
+            ("PGPORT", self.port().to_string()),
+            ("PGUSER", "app".into()),
+            ("PGPASSWORD", "app".into()),
+            ("PGDATABASE", "postgres".into()),
+            ("PGCONNECT_TIMEOUT", "10".into()),
+        ]
+    }
+}
+
+pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Runs a simple query and returns the first column of the first row.
+pub async fn simple_value(client: &Client, sql: &str) -> String {
+    simple_rows(client, sql)
+        .await
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{sql}: no rows"))
+}
+
+/// Runs a simple query and returns the first column of every row.
+pub async fn simple_rows(client: &Client, sql: &str) -> Vec<String> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("").to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The port of the server that ran `sql` (which must select inet_server_port() first).
+pub async fn served_by(client: &Client, sql: &str) -> u16 {
+    simple_value(client, sql).await.parse().expect("a port")
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}

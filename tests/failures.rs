@@ -1,0 +1,100 @@
+//! Failures get clear errors with the right SQLSTATE, and only the client
+//! they concern notices them.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Harness, connect, served_by, sqlstate};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_logins_get_the_right_sqlstate() {
+    let h = Harness::start("").await;
+    let err = connect(&h.url("app", "wrong", "postgres"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "28P01");
+    let err = connect(&h.url("nobody", "x", "postgres"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "28000");
+    let err = connect(&h.url("app", "app", "no_such_db"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "3D000");
+    // Others carry on.
+    let c = h.connect().await;
+    c.simple_query("select 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_replica_only_costs_its_in_flight_query() {
+    let mut h = Harness::start("").await;
+    let c = h.connect().await;
+    let victim = h.cluster.replicas()[0].port;
+    let survivor = h.cluster.replicas()[1].port;
+    for _ in 0..4 {
+        served_by(&c, "select inet_server_port()").await;
+    }
+    h.cluster.kill(1);
+    let mut errors = 0;
+    let mut ports = Vec::new();
+    for _ in 0..20 {
+        match c.simple_query("select inet_server_port()").await {
+            Ok(rows) => ports.push(match &rows[1] {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    r.get(0).unwrap().parse::<u16>().unwrap()
+                }
+                _ => unreachable!(),
+            }),
+            Err(e) => {
+                assert_eq!(sqlstate(&e), "08006", "{e}");
+                errors += 1;
+            }
+        }
+    }
+    assert!(errors <= 1, "{errors} errors after killing a replica");
+    assert!(!ports.contains(&victim));
+    assert!(ports.iter().filter(|p| **p == survivor).count() >= 18);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_primary_gives_a_clear_error_not_a_hang() {
+    let mut h = Harness::start("").await;
+    let c = h.connect().await;
+    c.batch_execute("create table k (v int)").await.unwrap();
+    h.cluster.kill(0);
+    let started = Instant::now();
+    let err = c
+        .batch_execute("insert into k values (1)")
+        .await
+        .unwrap_err();
+    let code = sqlstate(&err);
+    assert!(["08006", "57P03"].contains(&code.as_str()), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Reads still work from the replicas.
+    let port = served_by(&c, "select inet_server_port()").await;
+    assert!(h.replica_ports().contains(&port));
+    // And a write keeps failing fast and clearly.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = c
+        .batch_execute("insert into k values (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_exhaustion_is_53300() {
+    let h = Harness::start("[pool]\nsize = 1\ncheckout_timeout = \"300ms\"\n").await;
+    let holder = h.connect().await;
+    holder.batch_execute("begin; select 1").await.unwrap();
+    let waiter = h.connect().await;
+    let err = waiter
+        .batch_execute("insert into nowhere values (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "53300", "{err}");
+    holder.batch_execute("commit").await.unwrap();
+    waiter.batch_execute("select 1").await.unwrap();
+}
