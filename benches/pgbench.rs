@@ -1,0 +1,2 @@
+//! pgbench harness: see benches/README.
+fn main() {}
