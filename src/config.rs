@@ -144,7 +144,12 @@ pub enum ConsistencyMode {
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     pub consistency: ConsistencyMode,
+    /// A replica further behind the primary than this (in WAL bytes) gets
+    /// no reads until it is back under half of it.
     pub max_replica_lag_bytes: u64,
+    /// The same limit in time: an upper bound on how stale a replica's reads are.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag: Duration,
     /// Functions that have side effects beyond the built-in list (nextval, ...).
     pub write_functions: Vec<String>,
     /// Statement classifications cached, keyed by a literal-free fingerprint.
@@ -156,6 +161,7 @@ impl Default for RoutingConfig {
         Self {
             consistency: ConsistencyMode::ReadYourWrites,
             max_replica_lag_bytes: 16 << 20,
+            max_replica_lag: Duration::from_secs(10),
             write_functions: Vec::new(),
             classify_cache_size: 10_000,
         }
@@ -172,10 +178,25 @@ pub struct ClusterConfig {
     /// How often every node is polled for its role and health.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// A poll query that takes longer has failed. Connecting is allowed
+    /// `pool.connect_timeout` and goes on in the background meanwhile.
+    #[serde(default = "default_poll_timeout", with = "humantime_serde")]
+    pub poll_timeout: Duration,
+    /// Consecutive failed polls before a node is marked down.
+    #[serde(default = "default_failures_before_down")]
+    pub failures_before_down: u32,
 }
 
 fn default_poll_interval() -> Duration {
     Duration::from_millis(100)
+}
+
+fn default_poll_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_failures_before_down() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -310,6 +331,15 @@ impl Config {
         if self.cluster.poll_interval < Duration::from_millis(10) {
             return Err(invalid("cluster.poll_interval", "must be at least 10ms"));
         }
+        if self.cluster.poll_timeout < Duration::from_millis(10) {
+            return Err(invalid("cluster.poll_timeout", "must be at least 10ms"));
+        }
+        if self.cluster.failures_before_down == 0 {
+            return Err(invalid(
+                "cluster.failures_before_down",
+                "must be at least 1",
+            ));
+        }
         if self.coordinator.lease_ttl < Duration::from_secs(1) {
             return Err(invalid("coordinator.lease_ttl", "must be at least 1s"));
         }
@@ -379,6 +409,29 @@ password = "app"
         assert_eq!(config.pool.size, 20);
         assert_eq!(config.routing.consistency, ConsistencyMode::ReadYourWrites);
         assert_eq!(config.node_addrs().len(), 2);
+        assert_eq!(config.routing.max_replica_lag, Duration::from_secs(10));
+        assert_eq!(config.cluster.poll_timeout, Duration::from_secs(1));
+        assert_eq!(config.cluster.failures_before_down, 3);
+    }
+
+    #[test]
+    fn poll_settings_are_validated() {
+        let with = |line: &str| {
+            Config::parse(&MINIMAL.replace(
+                "admin_password = \"pw\"",
+                &format!("admin_password = \"pw\"\n{line}"),
+            ))
+        };
+        let config = with("poll_timeout = \"250ms\"\nfailures_before_down = 1").unwrap();
+        assert_eq!(config.cluster.poll_timeout, Duration::from_millis(250));
+        assert_eq!(config.cluster.failures_before_down, 1);
+        let err = with("poll_timeout = \"1ms\"").unwrap_err();
+        assert!(err.to_string().contains("cluster.poll_timeout"), "{err}");
+        let err = with("failures_before_down = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("cluster.failures_before_down"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -396,6 +449,7 @@ password = "app"
             ("[routing]\nconsistency = \"sometimes\"\n", "consistency"),
             ("[pool]\nsise = 3\n", "sise"),
             ("[coordinator]\nlease_ttl = \"fast\"\n", "lease_ttl"),
+            ("[routing]\nmax_replica_lag = \"soon\"\n", "max_replica_lag"),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();

@@ -56,12 +56,7 @@ impl Proxy {
         let topology = SharedTopology::new(Topology::unknown(&config.node_addrs()));
         let monitor = monitor::start(
             topology.clone(),
-            MonitorSettings {
-                admin_user: config.cluster.admin_user.clone(),
-                admin_password: config.cluster.admin_password.clone(),
-                poll_interval: config.cluster.poll_interval,
-                poll_timeout: config.pool.connect_timeout.min(Duration::from_secs(2)),
-            },
+            MonitorSettings::from_config(&config),
             shutdown_rx.clone(),
         )
         .await;

@@ -31,6 +31,8 @@ async fn pgbench_runs_clean_in_every_protocol_mode() {
         &["-c", "8", "-j", "2", "-T", "3", "-M", "extended"][..],
         &["-c", "8", "-j", "2", "-T", "3", "-M", "extended", "-S"][..],
         &["-c", "8", "-j", "2", "-T", "3", "-M", "simple", "-S"][..],
+        &["-c", "8", "-j", "2", "-T", "3", "-M", "prepared"][..],
+        &["-c", "8", "-j", "2", "-T", "3", "-M", "prepared", "-S"][..],
     ] {
         let out = run(&h, "pgbench", args);
         assert!(

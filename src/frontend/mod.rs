@@ -22,6 +22,7 @@ use self::error::{ClientError, RouteError};
 use self::handshake::Opened;
 use self::users::{UserEntry, Users};
 use crate::config::Config;
+use crate::pool::registry::CheckoutError;
 use crate::pool::{PoolKey, Pools};
 use crate::protocol::backend::{self, TxStatus};
 use crate::route::classify::Classifier;
@@ -93,13 +94,14 @@ async fn start_session(
         tracing::Span::current().record("user", user.name.as_str());
         tracing::Span::current().record("db", database.as_str());
         handshake::authenticate(&mut client, &user).await?;
-        let params = server_parameters(shared, &user, &database).await?;
-        Ok::<_, ClientError>((user, database, params))
+        let wanted = session::startup_params(&startup.params);
+        let params = server_parameters(shared, &user, &database, &wanted).await?;
+        Ok::<_, ClientError>((user, database, params, wanted))
     })
     .await
     .map_err(|_| ClientError::StartupTimeout)
     .and_then(|r| r);
-    let (user, database, params) = match login {
+    let (user, database, params, wanted) = match login {
         Ok(login) => login,
         Err(e) => return refuse(client, e).await,
     };
@@ -112,9 +114,17 @@ async fn start_session(
         .send(&backend::ready_for_query(TxStatus::Idle))
         .await?;
     client.flush().await?;
-    session::Session::new(shared.clone(), client, user, database, cancel, shutdown)
-        .run()
-        .await
+    session::Session::new(
+        shared.clone(),
+        client,
+        user,
+        database,
+        cancel,
+        wanted,
+        shutdown,
+    )
+    .run()
+    .await
 }
 
 /// Tells the client why it cannot have a session, then closes.
@@ -127,12 +137,15 @@ async fn refuse(mut client: ClientConn, error: ClientError) -> Result<(), Client
 }
 
 /// The ParameterStatus set a client gets at startup: the primary's (any
-/// usable node's when there is no primary). Checking a connection out also
-/// proves the database exists and the credentials work on the server.
+/// usable node's when there is no primary), with the client's own startup
+/// parameters applied so that it sees the values the server reports for them.
+/// Checking a connection out also proves the database exists and the
+/// credentials work on the server.
 async fn server_parameters(
     shared: &Shared,
     user: &UserEntry,
     database: &str,
+    wanted: &session::Params,
 ) -> Result<Vec<(String, String)>, ClientError> {
     let nodes: Vec<_> = {
         let topology = shared.topology.load();
@@ -151,7 +164,19 @@ async fn server_parameters(
             database: database.to_owned(),
         };
         match shared.pools.checkout(&key, addr, &user.password).await {
-            Ok(conn) => return Ok(conn.params.clone()),
+            Ok(mut conn) => {
+                if let Some(sql) = session::sync_sql(wanted, &conn.applied) {
+                    let timeout = shared.config.pool.connect_timeout;
+                    if let Err(e) = conn.execute(&sql, timeout).await {
+                        conn.clean = false;
+                        return Err(
+                            RouteError::from(CheckoutError::Connect { addr, source: e }).into()
+                        );
+                    }
+                    conn.applied = wanted.clone();
+                }
+                return Ok(conn.params.clone());
+            }
             Err(e) => last_error = e.into(),
         }
     }

@@ -54,6 +54,8 @@ pub struct ServerConnection {
     pub params: Vec<(String, String)>,
     /// Prepared statements this connection holds, by proxy-global name.
     pub prepared: LruCache<Vec<u8>, ()>,
+    /// Session parameters SET on this connection beyond its startup defaults.
+    pub applied: crate::frontend::session::Params,
     /// Set by a session that hands the connection back idle; a connection
     /// dropped any other way (mid-transaction, a panic) is never reused.
     pub clean: bool,
@@ -76,6 +78,7 @@ impl ServerConnection {
             key: BackendKey { pid: 0, secret: 0 },
             params: Vec::new(),
             prepared: LruCache::new(prepared_cap.try_into().expect("validated cap > 0")),
+            applied: Default::default(),
             clean: true,
         };
         conn.startup(login).await?;
@@ -197,7 +200,8 @@ impl ServerConnection {
         .map_err(|_| ServerError::Timeout)?
     }
 
-    /// Runs a statement whose result the proxy does not need (session reset).
+    /// Runs a statement whose rows the proxy does not need (session reset,
+    /// parameter setup), keeping the ParameterStatus values it reports.
     pub async fn execute(&mut self, sql: &str, timeout: Duration) -> Result<(), ServerError> {
         tokio::time::timeout(timeout, async {
             self.send(&frontend::query(sql)).await?;
@@ -205,6 +209,13 @@ impl ServerConnection {
             loop {
                 let frame = self.read_frame().await?;
                 match frame.tag() {
+                    backend::PARAMETER_STATUS => {
+                        let (name, value) = decode_parameter_status(&frame)?;
+                        match self.params.iter_mut().find(|(n, _)| *n == name) {
+                            Some(param) => param.1 = value,
+                            None => self.params.push((name, value)),
+                        }
+                    }
                     backend::ERROR_RESPONSE => error = Some(ErrorFields::decode(&frame)?),
                     backend::READY_FOR_QUERY => {
                         return match error {

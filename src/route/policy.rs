@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::classify::Intent;
 use super::hint::Hint;
-use crate::topology::{NodeId, Topology};
+use crate::topology::{Lsn, NodeId, Topology};
 
 /// What kind of node a statement needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,19 +76,65 @@ pub struct ReplicaPicker {
 }
 
 impl ReplicaPicker {
-    /// The nodes to try, in order: for reads, the usable replicas starting
-    /// with the next in turn and then the primary; for writes, the primary.
+    /// The nodes to try, in order: for reads, the replicas that serve reads
+    /// starting with the next in turn and then the primary; for writes, the primary.
     pub fn candidates(&self, topology: &Topology, destination: Destination) -> Vec<NodeId> {
+        self.candidates_with_floor(topology, destination, None)
+    }
+
+    /// Like `candidates`, but for reads only replicas that have replayed at
+    /// least up to `min_lsn` (read-your-writes, `tidepool.min_lsn`): the
+    /// primary is always fresh enough, so it stays last in line.
+    pub fn candidates_with_floor(
+        &self,
+        topology: &Topology,
+        destination: Destination,
+        min_lsn: Option<Lsn>,
+    ) -> Vec<NodeId> {
         let mut nodes = Vec::with_capacity(topology.nodes.len());
         if destination == Destination::Replica {
-            let replicas: Vec<NodeId> = topology.usable_replicas().map(|n| n.id).collect();
-            if !replicas.is_empty() {
-                let start = self.next.fetch_add(1, Ordering::Relaxed) % replicas.len();
-                nodes.extend(replicas[start..].iter().chain(&replicas[..start]));
-            }
+            let replicas: Vec<NodeId> = topology.read_replicas(min_lsn).map(|n| n.id).collect();
+            self.extend_in_turn(&mut nodes, &replicas);
         }
         nodes.extend(topology.primary().map(|p| p.id));
         nodes
+    }
+
+    /// For monotonic reads: `preferred` (the session's sticky replica) first
+    /// while it serves reads and has replayed up to `min_lsn`, then the other
+    /// replicas that have, in turn, then the primary. The session passes the
+    /// replay LSN it last saw on its replica as `min_lsn`, so moving never
+    /// goes back in time.
+    pub fn sticky_candidates(
+        &self,
+        topology: &Topology,
+        preferred: Option<NodeId>,
+        min_lsn: Option<Lsn>,
+    ) -> Vec<NodeId> {
+        let mut nodes = Vec::with_capacity(topology.nodes.len());
+        let sticky = preferred.filter(|&id| {
+            topology
+                .nodes
+                .get(id.0)
+                .is_some_and(|n| n.serves_reads_at(min_lsn))
+        });
+        nodes.extend(sticky);
+        let others: Vec<NodeId> = topology
+            .read_replicas(min_lsn)
+            .map(|n| n.id)
+            .filter(|&id| Some(id) != sticky)
+            .collect();
+        self.extend_in_turn(&mut nodes, &others);
+        nodes.extend(topology.primary().map(|p| p.id));
+        nodes
+    }
+
+    /// Appends `replicas` rotated to start with the next in turn.
+    fn extend_in_turn(&self, nodes: &mut Vec<NodeId>, replicas: &[NodeId]) {
+        if !replicas.is_empty() {
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % replicas.len();
+            nodes.extend(replicas[start..].iter().chain(&replicas[..start]));
+        }
     }
 }
 
@@ -127,16 +173,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn round_robin_then_primary() {
-        let addrs: Vec<_> = (0..3)
+    /// A primary and `n - 1` replicas, all up; replica i has replayed up to 100 * i.
+    fn cluster(n: usize) -> Topology {
+        let addrs: Vec<_> = (0..n)
             .map(|i| format!("127.0.0.1:{}", 5000 + i).parse().unwrap())
             .collect();
         let mut t = Topology::unknown(&addrs);
         for (i, n) in t.nodes.iter_mut().enumerate() {
             n.role = if i == 0 { Role::Primary } else { Role::Replica };
             n.health = Health::Up;
+            n.replay_lsn = (i > 0).then_some(Lsn(100 * i as u64));
         }
+        t
+    }
+
+    #[test]
+    fn round_robin_then_primary() {
+        let mut t = cluster(3);
         let picker = ReplicaPicker::default();
         let a = picker.candidates(&t, Destination::Replica);
         let b = picker.candidates(&t, Destination::Replica);
@@ -148,5 +201,77 @@ mod tests {
             picker.candidates(&t, Destination::Replica),
             vec![NodeId(1), NodeId(0)]
         );
+    }
+
+    #[test]
+    fn lagging_replicas_get_no_reads() {
+        let mut t = cluster(3);
+        t.nodes[1].lagging = true;
+        let picker = ReplicaPicker::default();
+        for _ in 0..3 {
+            assert_eq!(
+                picker.candidates(&t, Destination::Replica),
+                vec![NodeId(2), NodeId(0)]
+            );
+        }
+    }
+
+    #[test]
+    fn floor_keeps_replicas_that_are_fresh_enough() {
+        let mut t = cluster(4);
+        let picker = ReplicaPicker::default();
+        let reads = |t: &Topology, lsn: u64| {
+            picker.candidates_with_floor(t, Destination::Replica, Some(Lsn(lsn)))
+        };
+        let a = reads(&t, 200);
+        let b = reads(&t, 200);
+        assert_eq!(a, vec![NodeId(2), NodeId(3), NodeId(0)]);
+        assert_eq!(b, vec![NodeId(3), NodeId(2), NodeId(0)]);
+        assert_eq!(reads(&t, 300), vec![NodeId(3), NodeId(0)]);
+        assert_eq!(reads(&t, 301), vec![NodeId(0)]);
+        // Unknown replay position: not known to be fresh enough.
+        t.nodes[3].replay_lsn = None;
+        assert_eq!(reads(&t, 300), vec![NodeId(0)]);
+        assert_eq!(
+            picker.candidates_with_floor(&t, Destination::Primary, Some(Lsn(1))),
+            vec![NodeId(0)]
+        );
+        let all = picker.candidates_with_floor(&t, Destination::Replica, None);
+        assert_eq!(all.len(), 4);
+    }
+
+    #[test]
+    fn sticky_replica_first_while_fresh_enough() {
+        let mut t = cluster(4);
+        let picker = ReplicaPicker::default();
+        let sticky = |t: &Topology, preferred: usize, lsn: u64| {
+            picker.sticky_candidates(t, Some(NodeId(preferred)), Some(Lsn(lsn)))
+        };
+        for _ in 0..3 {
+            let order = sticky(&t, 2, 150);
+            assert_eq!(order[0], NodeId(2));
+            assert_eq!(order[1..2], [NodeId(3)]);
+            assert_eq!(order.last(), Some(&NodeId(0)));
+        }
+        // Behind the floor: it moves to one at least as fresh.
+        let moved = sticky(&t, 1, 150);
+        assert_eq!(moved.len(), 3, "{moved:?}");
+        assert!(!moved.contains(&NodeId(1)));
+        // Lagging or down: the others first.
+        t.nodes[2].lagging = true;
+        let order = sticky(&t, 2, 0);
+        assert_eq!(order.len(), 3, "{order:?}");
+        assert!(!order.contains(&NodeId(2)));
+        assert_eq!(order[2], NodeId(0));
+        t.nodes[3].health = Health::Down;
+        assert_eq!(sticky(&t, 3, 0)[..1], [NodeId(1)]);
+        // No preference: any fresh-enough replica, then the primary.
+        assert_eq!(
+            picker.sticky_candidates(&t, None, Some(Lsn(100))),
+            vec![NodeId(1), NodeId(0)]
+        );
+        // Preferring the primary (or an unknown node) is no stickiness.
+        assert_eq!(sticky(&t, 0, 100), vec![NodeId(1), NodeId(0)]);
+        assert_eq!(sticky(&t, 9, 100), vec![NodeId(1), NodeId(0)]);
     }
 }

@@ -1,11 +1,20 @@
-//! Who is primary, who is up: a snapshot published through `ArcSwap` so that
-//! every routing decision reads it without a lock.
+//! Who is primary, who is up, how far behind each replica is: a snapshot
+//! published through `ArcSwap` so that every routing decision reads it
+//! without a lock, plus a change signal for sessions waiting on a replica.
+mod lag;
+mod lsn;
 pub mod monitor;
+mod probe;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
+
+pub use lsn::{Lsn, LsnParseError};
 
 /// A node's position in `[cluster] nodes`; stable for the process lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -14,6 +23,24 @@ pub struct NodeId(pub usize);
 impl std::fmt::Display for NodeId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "node{}", self.0)
+    }
+}
+
+/// The fencing token: it grows whenever the primary changes identity, so a
+/// write stamped with an older epoch can be recognised as aimed at a node
+/// that may no longer be the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
     }
 }
 
@@ -41,22 +68,73 @@ pub enum Health {
     Down,
 }
 
+/// A node as the monitor last saw it. The WAL fields are the last values a
+/// poll returned; they are kept while the node is down (the last known
+/// position matters when choosing whom to promote).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     pub id: NodeId,
     pub addr: SocketAddr,
     pub role: Role,
     pub health: Health,
+    /// Primary only: `pg_current_wal_lsn()`, where new WAL is written.
+    pub current_lsn: Option<Lsn>,
+    /// Replica only: `pg_last_wal_replay_lsn()`, what its queries can see.
+    pub replay_lsn: Option<Lsn>,
+    /// Replica only: `pg_last_wal_receive_lsn()`, flushed but maybe not yet replayed.
+    pub receive_lsn: Option<Lsn>,
+    /// The timeline the node writes (primary) or receives (replica) WAL on.
+    pub timeline: Option<u32>,
+    /// Replica only: primary's current LSN minus this replay LSN, from the same
+    /// poll round; `None` when that round had no single primary to compare with.
+    pub lag_bytes: Option<u64>,
+    /// Replica only: an upper bound on how stale its reads are (see `lag::measure`).
+    pub lag: Option<Duration>,
+    /// Replica only: over a lag limit, so it gets no reads until it is well
+    /// under them again (see `lag::Limits`).
+    pub lagging: bool,
 }
 
 impl Node {
+    fn new(id: NodeId, addr: SocketAddr) -> Node {
+        Node {
+            id,
+            addr,
+            role: Role::Unknown,
+            health: Health::Down,
+            current_lsn: None,
+            replay_lsn: None,
+            receive_lsn: None,
+            timeline: None,
+            lag_bytes: None,
+            lag: None,
+            lagging: false,
+        }
+    }
+
+    /// Up and with a known role: may take traffic its role allows.
     pub fn is_usable(&self) -> bool {
         self.health == Health::Up && self.role != Role::Unknown
+    }
+
+    /// A replica that may take reads: usable and within the lag limits.
+    pub fn serves_reads(&self) -> bool {
+        self.role == Role::Replica && self.is_usable() && !self.lagging
+    }
+
+    /// Serves reads and has replayed at least up to `lsn`.
+    pub fn serves_reads_at(&self, lsn: Option<Lsn>) -> bool {
+        self.serves_reads() && lsn.is_none_or(|lsn| self.replay_lsn.is_some_and(|r| r >= lsn))
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
+    pub epoch: Epoch,
+    /// The primary `epoch` belongs to: the last node seen as the one
+    /// primary, kept while the primary is down or ambiguous, so that its
+    /// return is not mistaken for a new primary.
+    pub epoch_primary: Option<NodeId>,
     pub nodes: Vec<Node>,
 }
 
@@ -64,15 +142,12 @@ impl Topology {
     /// Every configured node, role not yet known.
     pub fn unknown(addrs: &[SocketAddr]) -> Topology {
         Topology {
+            epoch: Epoch::default(),
+            epoch_primary: None,
             nodes: addrs
                 .iter()
                 .enumerate()
-                .map(|(i, &addr)| Node {
-                    id: NodeId(i),
-                    addr,
-                    role: Role::Unknown,
-                    health: Health::Down,
-                })
+                .map(|(i, &addr)| Node::new(NodeId(i), addr))
                 .collect(),
         }
     }
@@ -92,33 +167,90 @@ impl Topology {
         primaries.next().is_none().then_some(first)
     }
 
+    /// Replicas that are up, lagging or not.
     pub fn usable_replicas(&self) -> impl Iterator<Item = &Node> {
         self.nodes
             .iter()
             .filter(|n| n.role == Role::Replica && n.is_usable())
     }
+
+    /// Keeps the epoch in step with the primary's identity: a change that
+    /// made another node the one primary without advancing the epoch itself
+    /// gets it advanced. The first primary ever seen starts epoch 0.
+    fn follow_primary(&mut self, previous_epoch: Epoch) {
+        let Some(primary) = self.primary().map(|p| p.id) else {
+            return;
+        };
+        if self.epoch_primary == Some(primary) {
+            return;
+        }
+        if self.epoch_primary.is_some() && self.epoch == previous_epoch {
+            self.epoch = self.epoch.next();
+        }
+        self.epoch_primary = Some(primary);
+    }
+
+    /// Replicas that serve reads and have replayed at least up to `min_lsn`.
+    pub fn read_replicas(&self, min_lsn: Option<Lsn>) -> impl Iterator<Item = &Node> {
+        self.nodes
+            .iter()
+            .filter(move |n| n.serves_reads_at(min_lsn))
+    }
 }
 
 /// The live topology, shared by the monitor (writer) and every session (readers).
 #[derive(Clone)]
-pub struct SharedTopology(Arc<ArcSwap<Topology>>);
+pub struct SharedTopology(Arc<Shared>);
+
+struct Shared {
+    snapshot: ArcSwap<Topology>,
+    /// Bumped on every publish; waiters subscribe to it.
+    version: watch::Sender<u64>,
+    /// Wakes the monitor for an immediate poll round.
+    refresh: Notify,
+}
 
 impl SharedTopology {
-    pub fn new(topology: Topology) -> SharedTopology {
-        SharedTopology(Arc::new(ArcSwap::from_pointee(topology)))
+    pub fn new(mut topology: Topology) -> SharedTopology {
+        topology.follow_primary(topology.epoch);
+        SharedTopology(Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(topology),
+            version: watch::Sender::new(0),
+            refresh: Notify::new(),
+        }))
     }
 
     pub fn load(&self) -> arc_swap::Guard<Arc<Topology>> {
-        self.0.load()
+        self.0.snapshot.load()
     }
 
-    /// Applies `change` to the current snapshot and publishes the result if it differs.
-    pub fn update(&self, change: impl Fn(&mut Topology)) {
-        self.0.rcu(|current| {
+    /// The current snapshot as an owned `Arc`, to keep beyond a short borrow.
+    pub fn load_full(&self) -> Arc<Topology> {
+        self.0.snapshot.load_full()
+    }
+
+    /// Applies `change` to the current snapshot and, if the result differs,
+    /// publishes it (one store) and wakes the waiters. Whoever changes the
+    /// primary, the epoch follows (see `Topology::follow_primary`). `change`
+    /// may run more than once when writers race, so it must only depend on
+    /// its argument. Returns whether anything was published.
+    pub fn update(&self, mut change: impl FnMut(&mut Topology)) -> bool {
+        let mut changed = false;
+        self.0.snapshot.rcu(|current| {
             let mut next = Topology::clone(current);
             change(&mut next);
-            Arc::new(next)
+            next.follow_primary(current.epoch);
+            changed = next != **current;
+            if changed {
+                Arc::new(next)
+            } else {
+                Arc::clone(current)
+            }
         });
+        if changed {
+            self.0.version.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        changed
     }
 
     /// A session that could not reach a node takes it out of rotation at once;
@@ -129,6 +261,56 @@ impl SharedTopology {
         }
         tracing::warn!(node = %id, "node unreachable, taken out of rotation");
         self.update(|t| t.nodes[id.0].health = Health::Down);
+    }
+
+    /// Asks the monitor for a poll round now instead of at the next tick: for
+    /// a session told by its "primary" that it is read-only (SQLSTATE 25006),
+    /// a sign that the roles changed. Requests made during a round coalesce
+    /// into one more round.
+    pub fn request_refresh(&self) {
+        self.0.refresh.notify_one();
+    }
+
+    /// Resolves when a request_refresh arrives; the monitor's side.
+    pub(crate) async fn refresh_requested(&self) {
+        self.0.refresh.notified().await
+    }
+
+    /// Resolves at the first publish after this call (not after the first
+    /// poll of the future). To wait for a condition without missing a change,
+    /// call this first, then check the snapshot, then await.
+    pub fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut version = self.0.version.subscribe();
+        async move {
+            // The sender lives as long as the receiver's SharedTopology; an
+            // error means it is gone, and then nothing will ever change.
+            if version.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Resolves to true as soon as a replica that serves reads has replayed
+    /// up to `lsn` (at once if one already has), false after `timeout`.
+    /// Replay positions are as fresh as the last poll round, so this takes
+    /// up to `poll_interval` longer than the replica itself.
+    pub fn wait_for_replica_lsn(
+        &self,
+        lsn: Lsn,
+        timeout: Duration,
+    ) -> impl Future<Output = bool> + Send + 'static {
+        let shared = self.clone();
+        let mut version = self.0.version.subscribe();
+        let reached = async move {
+            loop {
+                if shared.load().read_replicas(Some(lsn)).next().is_some() {
+                    return;
+                }
+                // Cannot fail: `shared` keeps the sender alive.
+                let _ = version.changed().await;
+            }
+        };
+        async move { tokio::time::timeout(timeout, reached).await.is_ok() }
     }
 }
 
@@ -159,5 +341,98 @@ mod tests {
         assert!(split.primary().is_none());
         let down = topology(&[(Primary, Down), (Replica, Up)]);
         assert!(down.primary().is_none());
+    }
+
+    #[test]
+    fn the_epoch_follows_the_primary_whoever_changes_it() {
+        use Health::*;
+        use Role::*;
+        let shared = SharedTopology::new(topology(&[(Unknown, Down), (Unknown, Down)]));
+        let set = |i: usize, role: Role, health: Health| {
+            shared.update(|t| {
+                t.nodes[i].role = role;
+                t.nodes[i].health = health;
+            })
+        };
+        set(0, Primary, Up);
+        set(1, Replica, Up);
+        let epoch = |s: &SharedTopology| (s.load().epoch, s.load().epoch_primary);
+        assert_eq!(epoch(&shared), (Epoch(0), Some(NodeId(0))));
+        // Down and back: the same primary, the same epoch.
+        shared.report_unreachable(NodeId(0));
+        assert!(shared.load().primary().is_none());
+        set(0, Primary, Up);
+        assert_eq!(epoch(&shared), (Epoch(0), Some(NodeId(0))));
+        // Split brain: no primary, no new epoch yet.
+        set(1, Primary, Up);
+        assert_eq!(epoch(&shared), (Epoch(0), Some(NodeId(0))));
+        // The old one reported down by a session: node1 is the primary now.
+        shared.report_unreachable(NodeId(0));
+        assert_eq!(epoch(&shared), (Epoch(1), Some(NodeId(1))));
+        // A writer that sets the epoch itself (the HA controller) is not bumped again.
+        shared.update(|t| {
+            t.epoch = Epoch(7);
+            t.nodes[0].health = Up;
+            t.nodes[0].role = Primary;
+            t.nodes[1].role = Replica;
+        });
+        assert_eq!(epoch(&shared), (Epoch(7), Some(NodeId(0))));
+    }
+
+    fn with_replica_at(lsn: u64) -> impl FnMut(&mut Topology) {
+        move |t| {
+            t.nodes[1].role = Role::Replica;
+            t.nodes[1].health = Health::Up;
+            t.nodes[1].replay_lsn = Some(Lsn(lsn));
+        }
+    }
+
+    #[tokio::test]
+    async fn publishes_only_changes_and_wakes_waiters() {
+        let shared = SharedTopology::new(topology(&[
+            (Role::Primary, Health::Up),
+            (Role::Unknown, Health::Down),
+        ]));
+        let changed = shared.changed();
+        assert!(!shared.update(|_| {}));
+        assert!(shared.update(with_replica_at(10)));
+        tokio::time::timeout(Duration::from_secs(1), changed)
+            .await
+            .unwrap();
+        let unchanged = shared.changed();
+        assert!(!shared.update(with_replica_at(10)));
+        let waited = tokio::time::timeout(Duration::from_millis(20), unchanged).await;
+        assert!(waited.is_err(), "no publish, no wake-up");
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_replica_to_reach_an_lsn() {
+        let shared = SharedTopology::new(topology(&[
+            (Role::Primary, Health::Up),
+            (Role::Unknown, Health::Down),
+        ]));
+        let short = Duration::from_millis(20);
+        assert!(!shared.wait_for_replica_lsn(Lsn(1), short).await);
+        shared.update(with_replica_at(10));
+        assert!(shared.wait_for_replica_lsn(Lsn(10), short).await);
+        let waiting = tokio::spawn(shared.wait_for_replica_lsn(Lsn(20), Duration::from_secs(5)));
+        tokio::task::yield_now().await;
+        shared.update(with_replica_at(15));
+        shared.update(with_replica_at(25));
+        assert!(waiting.await.unwrap());
+        // A lagging replica does not count, however far it has replayed.
+        shared.update(|t| t.nodes[1].lagging = true);
+        assert!(!shared.wait_for_replica_lsn(Lsn(1), short).await);
+    }
+
+    #[tokio::test]
+    async fn refresh_requests_are_kept_until_taken() {
+        let shared = SharedTopology::new(topology(&[(Role::Primary, Health::Up)]));
+        shared.request_refresh();
+        shared.request_refresh();
+        let taken = tokio::time::timeout(Duration::from_secs(1), shared.refresh_requested());
+        taken.await.unwrap();
+        let again = tokio::time::timeout(Duration::from_millis(20), shared.refresh_requested());
+        assert!(again.await.is_err(), "requests coalesce");
     }
 }

@@ -1,170 +1,340 @@
-//! Polls every node for its role and health and publishes the topology.
+//! Polls every node for its role, health and WAL positions, and publishes
+//! one new topology snapshot per poll round that changed anything.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-use super::{Health, NodeId, Role, SharedTopology};
-use crate::config::Secret;
-
-/// Consecutive failed polls before a node is marked down: one lost packet
-/// should not take a node out of rotation.
-const FAILURES_BEFORE_DOWN: u32 = 3;
+use super::lag::{self, Limits};
+use super::probe::{Credentials, PollError, Probe, Sample};
+use super::{Health, Lsn, NodeId, Role, SharedTopology, Topology};
+use crate::config::{Config, Secret};
 
 #[derive(Clone)]
 pub struct MonitorSettings {
     pub admin_user: String,
     pub admin_password: Secret,
     pub poll_interval: Duration,
+    /// Answering the poll query must fit in this. A connect that takes
+    /// longer goes on in the background (up to `connect_timeout`) while the
+    /// polls waiting for it count as failed.
     pub poll_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Consecutive failed polls before a node is marked down: one lost packet
+    /// should not take a node out of rotation.
+    pub failures_before_down: u32,
+    pub max_replica_lag: Duration,
+    pub max_replica_lag_bytes: u64,
 }
 
-/// One node's poller: a kept-open admin connection and its failure streak.
+impl MonitorSettings {
+    pub fn from_config(config: &Config) -> MonitorSettings {
+        MonitorSettings {
+            admin_user: config.cluster.admin_user.clone(),
+            admin_password: config.cluster.admin_password.clone(),
+            poll_interval: config.cluster.poll_interval,
+            poll_timeout: config.cluster.poll_timeout,
+            connect_timeout: config.pool.connect_timeout,
+            failures_before_down: config.cluster.failures_before_down,
+            max_replica_lag: config.routing.max_replica_lag,
+            max_replica_lag_bytes: config.routing.max_replica_lag_bytes,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_bytes: self.max_replica_lag_bytes,
+            max_time: self.max_replica_lag,
+        }
+    }
+}
+
+/// One node's probe, its failure streak and when it was last seen caught up.
 struct NodePoller {
     id: NodeId,
-    addr: SocketAddr,
-    client: Option<Client>,
+    probe: Probe,
     failures: u32,
+    caught_up_at: Option<Instant>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum PollError {
-    #[error("{0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    #[error("timed out")]
-    Timeout,
-    #[error("unexpected answer to the role query")]
-    BadAnswer,
+/// What one round concluded about a node; `None` in `Observation` means down.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    sample: Sample,
+    lag: lag::Lag,
 }
 
-impl NodePoller {
-    async fn poll(&mut self, settings: &MonitorSettings) -> Result<Role, PollError> {
-        tokio::time::timeout(settings.poll_timeout, self.poll_inner(settings))
-            .await
-            .map_err(|_| PollError::Timeout)?
-    }
+type Observation = (NodeId, Option<Seen>);
 
-    async fn poll_inner(&mut self, settings: &MonitorSettings) -> Result<Role, PollError> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(connect(self.addr, settings).await?);
-        }
-        let client = self.client.as_ref().expect("connected above");
-        let rows = client.simple_query("select pg_is_in_recovery()").await?;
-        let in_recovery = rows
-            .iter()
-            .find_map(|m| match m {
-                SimpleQueryMessage::Row(row) => row.get(0),
-                _ => None,
-            })
-            .ok_or(PollError::BadAnswer)?;
-        Ok(if in_recovery == "t" {
-            Role::Replica
-        } else {
-            Role::Primary
-        })
-    }
+struct Monitor {
+    topology: SharedTopology,
+    settings: MonitorSettings,
+    credentials: Credentials,
+    pollers: Vec<NodePoller>,
 }
 
-async fn connect(addr: SocketAddr, settings: &MonitorSettings) -> Result<Client, PollError> {
-    let (client, connection) = tokio_postgres::Config::new()
-        .host(addr.ip().to_string())
-        .port(addr.port())
-        .user(&settings.admin_user)
-        .password(settings.admin_password.expose())
-        .dbname("postgres")
-        .application_name("tidepool-monitor")
-        .connect_timeout(settings.poll_timeout)
-        .connect(NoTls)
-        .await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-/// Polls every node once, then keeps polling every `poll_interval` until
-/// `shutdown` fires. Returns after the first round so that the proxy starts
-/// with known roles.
+/// Polls every node once, then keeps polling every `poll_interval` (or at
+/// once on `SharedTopology::request_refresh`) until `shutdown` fires.
+/// Returns after the first round so that the proxy starts with known roles.
 pub async fn start(
     topology: SharedTopology,
     settings: MonitorSettings,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let mut pollers: Vec<NodePoller> = topology
+    let pollers = topology
         .load()
         .nodes
         .iter()
         .map(|n| NodePoller {
             id: n.id,
-            addr: n.addr,
-            client: None,
+            probe: Probe::new(n.addr),
             failures: 0,
+            caught_up_at: None,
         })
         .collect();
-    poll_all(&mut pollers, &topology, &settings, true).await;
+    let mut monitor = Monitor {
+        credentials: Credentials {
+            user: settings.admin_user.clone(),
+            password: settings.admin_password.clone(),
+            connect_timeout: settings.connect_timeout,
+        },
+        topology,
+        settings,
+        pollers,
+    };
+    monitor.round(true).await;
     tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(settings.poll_interval);
+        // The first round has just run: the next is one interval away.
+        let interval = monitor.settings.poll_interval;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let topology = monitor.topology.clone();
         loop {
             tokio::select! {
-                _ = ticker.tick() => poll_all(&mut pollers, &topology, &settings, false).await,
+                _ = ticker.tick() => {}
+                _ = topology.refresh_requested() => {
+                    tracing::debug!("topology refresh requested");
+                    ticker.reset();
+                }
                 _ = shutdown.changed() => return,
             }
+            monitor.round(false).await;
         }
     })
 }
 
-async fn poll_all(
-    pollers: &mut [NodePoller],
-    topology: &SharedTopology,
-    settings: &MonitorSettings,
-    first: bool,
-) {
-    let results =
-        futures_util::future::join_all(pollers.iter_mut().map(|p| p.poll(settings))).await;
-    let mut changes = Vec::new();
-    for (poller, result) in pollers.iter_mut().zip(results) {
-        match result {
-            Ok(role) => {
-                poller.failures = 0;
-                changes.push((poller.id, Some(role)));
-            }
-            Err(e) => {
-                poller.client = None;
-                poller.failures += 1;
-                if first || poller.failures >= FAILURES_BEFORE_DOWN {
-                    if poller.failures == FAILURES_BEFORE_DOWN || first {
-                        tracing::warn!(node = %poller.id, addr = %poller.addr, error = %e, "node poll failed");
+impl Monitor {
+    async fn round(&mut self, first: bool) {
+        let started = Instant::now();
+        // Nothing is served before the first round: it may wait for the
+        // connects to finish, so that the proxy starts with known roles.
+        let timeout = match first {
+            true => self
+                .settings
+                .poll_timeout
+                .max(self.credentials.connect_timeout),
+            false => self.settings.poll_timeout,
+        };
+        let credentials = &self.credentials;
+        let polls = self
+            .pollers
+            .iter_mut()
+            .map(|p| p.probe.poll(credentials, timeout));
+        let results = futures_util::future::join_all(polls).await;
+        let now = Instant::now();
+        let observations = self.observe(results, first, started, now);
+
+        let before = self.topology.load_full();
+        let limits = self.settings.limits();
+        if self.topology.update(|t| apply(t, &observations, limits)) {
+            log_changes(&before, &self.topology.load());
+        }
+    }
+
+    /// Turns the round's poll results into observations: lag against the
+    /// primary's LSN of this same round, failure streaks, down after
+    /// `failures_before_down` (at once on the first round: nothing is known yet).
+    fn observe(
+        &mut self,
+        results: Vec<Result<Sample, PollError>>,
+        first: bool,
+        started: Instant,
+        now: Instant,
+    ) -> Vec<Observation> {
+        let primaries: Vec<Option<Lsn>> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().filter(|s| s.role == Role::Primary))
+            .map(|s| s.current_lsn)
+            .collect();
+        // Two primaries (split brain) give no reference to measure against.
+        let primary_lsn = match primaries[..] {
+            [lsn] => lsn,
+            _ => None,
+        };
+        let threshold = self.settings.failures_before_down;
+        let mut observations = Vec::with_capacity(results.len());
+        for (poller, result) in self.pollers.iter_mut().zip(results) {
+            match result {
+                Ok(sample) => {
+                    poller.failures = 0;
+                    let since_caught_up = poller.caught_up_at.map(|t| now - t);
+                    let lag = lag::measure(
+                        sample.replay_lsn,
+                        primary_lsn,
+                        sample.replay_age,
+                        since_caught_up,
+                    );
+                    if sample.role != Role::Replica {
+                        poller.caught_up_at = None;
+                    } else if lag.caught_up {
+                        // Its replay LSN, read after `started`, is at least the
+                        // primary's at `started`: nothing older is missing.
+                        poller.caught_up_at = Some(started);
                     }
-                    changes.push((poller.id, None));
+                    observations.push((poller.id, Some(Seen { sample, lag })));
+                }
+                Err(e) => {
+                    poller.caught_up_at = None;
+                    poller.failures = poller.failures.saturating_add(1);
+                    if first || poller.failures == threshold {
+                        tracing::warn!(node = %poller.id, error = %e, "node poll failed");
+                    } else {
+                        tracing::debug!(node = %poller.id, error = %e, "node poll failed");
+                    }
+                    if first || poller.failures >= threshold {
+                        observations.push((poller.id, None));
+                    }
                 }
             }
         }
+        observations
     }
-    let current = topology.load();
-    let differs = changes.iter().any(|&(id, role)| {
-        let node = current.node(id);
-        match role {
-            Some(role) => node.role != role || node.health != Health::Up,
-            None => node.health != Health::Down,
-        }
-    });
-    if !differs {
-        return;
+}
+
+/// Applies a round's observations to a snapshot (the epoch follows in
+/// `SharedTopology::update`). Depends only on its arguments: `update` may
+/// call it again on a newer snapshot.
+fn apply(t: &mut Topology, observations: &[Observation], limits: Limits) {
+    for (id, seen) in observations {
+        let node = &mut t.nodes[id.0];
+        let Some(Seen { sample, lag }) = seen else {
+            node.health = Health::Down;
+            continue;
+        };
+        let replica = sample.role == Role::Replica;
+        node.health = Health::Up;
+        node.role = sample.role;
+        node.current_lsn = sample.current_lsn;
+        node.replay_lsn = sample.replay_lsn;
+        node.receive_lsn = sample.receive_lsn;
+        node.timeline = sample.timeline;
+        node.lag_bytes = lag.bytes.filter(|_| replica);
+        node.lag = lag.time.filter(|_| replica);
+        node.lagging = replica && limits.lagging(node.lagging, lag.bytes, lag.time);
     }
-    topology.update(|t| {
-        for &(id, role) in &changes {
-            let node = &mut t.nodes[id.0];
-            match role {
-                Some(role) => {
-                    if node.role != role || node.health != Health::Up {
-                        tracing::info!(node = %id, addr = %node.addr, role = role.as_str(), "node up");
-                    }
-                    node.role = role;
-                    node.health = Health::Up;
+}
+
+fn log_changes(before: &Topology, after: &Topology) {
+    for (old, new) in before.nodes.iter().zip(&after.nodes) {
+        let (id, addr) = (new.id, new.addr);
+        if (old.health, old.role) != (new.health, new.role) {
+            match new.health {
+                Health::Up => {
+                    tracing::info!(node = %id, %addr, role = new.role.as_str(), "node up")
                 }
-                None => node.health = Health::Down,
+                Health::Down => tracing::warn!(node = %id, %addr, "node down"),
             }
         }
-    });
+        if old.lagging != new.lagging {
+            let (bytes, lag) = (new.lag_bytes, new.lag);
+            if new.lagging {
+                tracing::warn!(node = %id, ?bytes, ?lag, "replica over the lag limit, no reads");
+            } else {
+                tracing::info!(node = %id, ?bytes, ?lag, "replica within the lag limit again");
+            }
+        }
+    }
+    if before.epoch != after.epoch {
+        let previous = before.epoch_primary.map(|p| p.to_string());
+        let primary = after.epoch_primary.map(|p| p.to_string());
+        tracing::warn!(epoch = %after.epoch, ?previous, ?primary, "primary changed, epoch bumped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::Epoch;
+
+    const LIMITS: Limits = Limits {
+        max_bytes: 1000,
+        max_time: Duration::from_secs(10),
+    };
+
+    fn topology() -> Topology {
+        let addrs: Vec<_> = (0..3)
+            .map(|i| format!("127.0.0.1:{}", 5000 + i).parse().unwrap())
+            .collect();
+        Topology::unknown(&addrs)
+    }
+
+    fn seen(role: Role, current: u64, replay: u64, primary: u64) -> Option<Seen> {
+        let replica = role == Role::Replica;
+        let sample = Sample {
+            role,
+            current_lsn: (!replica).then_some(Lsn(current)),
+            replay_lsn: replica.then_some(Lsn(replay)),
+            receive_lsn: replica.then_some(Lsn(replay)),
+            replay_age: None,
+            timeline: Some(1),
+        };
+        let lag = lag::measure(sample.replay_lsn, Some(Lsn(primary)), None, None);
+        Some(Seen { sample, lag })
+    }
+
+    #[test]
+    fn applies_roles_positions_and_lag() {
+        let mut t = topology();
+        let round = [
+            (NodeId(0), seen(Role::Primary, 5000, 0, 5000)),
+            (NodeId(1), seen(Role::Replica, 0, 5000, 5000)),
+            (NodeId(2), seen(Role::Replica, 0, 3000, 5000)),
+        ];
+        apply(&mut t, &round, LIMITS);
+        assert_eq!(t.primary().unwrap().id, NodeId(0));
+        assert_eq!(t.nodes[0].current_lsn, Some(Lsn(5000)));
+        assert_eq!(t.nodes[0].lag_bytes, None);
+        assert_eq!(t.nodes[1].lag_bytes, Some(0));
+        assert!(t.nodes[1].serves_reads());
+        assert_eq!(t.nodes[2].lag_bytes, Some(2000));
+        assert!(t.nodes[2].lagging && !t.nodes[2].serves_reads());
+
+        // Down after a failure streak: positions stay as last known.
+        apply(&mut t, &[(NodeId(2), None)], LIMITS);
+        assert_eq!(t.nodes[2].health, Health::Down);
+        assert_eq!(t.nodes[2].replay_lsn, Some(Lsn(3000)));
+    }
+
+    #[test]
+    fn a_promotion_swaps_roles_and_bumps_the_epoch_once() {
+        let shared = SharedTopology::new(topology());
+        let before = [
+            (NodeId(0), seen(Role::Primary, 100, 0, 100)),
+            (NodeId(1), seen(Role::Replica, 0, 100, 100)),
+        ];
+        shared.update(|t| apply(t, &before, LIMITS));
+        assert_eq!(shared.load().epoch, Epoch(0));
+        // The old primary down and a replica promoted, in the same round.
+        let promoted = [
+            (NodeId(0), None),
+            (NodeId(1), seen(Role::Primary, 200, 0, 200)),
+        ];
+        shared.update(|t| apply(t, &promoted, LIMITS));
+        let t = shared.load_full();
+        assert_eq!(t.primary().unwrap().id, NodeId(1));
+        assert_eq!(t.epoch, Epoch(1));
+        assert_eq!((t.nodes[1].replay_lsn, t.nodes[1].lag_bytes), (None, None));
+        assert!(!shared.update(|t| apply(t, &promoted, LIMITS)));
+        assert_eq!(shared.load().epoch, Epoch(1));
+    }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tidepool::config::Config;
 use tidepool::demo::{
     self,
     cluster::{Cluster, ClusterSpec},
@@ -20,11 +21,18 @@ impl Harness {
     /// A primary, 2 replicas and a proxy on a free port; `extra` is appended
     /// to the generated TOML configuration.
     pub async fn start(extra: &str) -> Harness {
+        Self::start_with(extra, |_| {}).await
+    }
+
+    /// Like `start`, with a last say on the parsed configuration.
+    pub async fn start_with(extra: &str, adjust: impl FnOnce(&mut Config)) -> Harness {
         let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterSpec::default()))
             .await
             .unwrap()
             .expect("cluster starts");
-        let config = demo::config(&cluster, "127.0.0.1:0", extra);
+        let mut config = demo::config(&cluster, "127.0.0.1:0", extra);
+        adjust(&mut config);
+        config.validate().expect("adjusted config is valid");
         let proxy = Proxy::start(config).await.expect("proxy starts");
         Harness {
             cluster,

@@ -7,7 +7,10 @@
 //! outstanding; then it goes back to its pool.
 
 mod pending;
+mod state;
 mod statements;
+
+pub use state::{Params, startup_params, sync_sql};
 
 use std::sync::Arc;
 
@@ -15,6 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use self::pending::{Kind, ParseUndo, Pending};
+use self::state::{ParamChange, PinReason};
 use self::statements::{Statement, Statements};
 use super::Shared;
 use super::cancel::CancelHandle;
@@ -86,6 +90,18 @@ pub struct Session {
     /// Bytes of a streamed DataRow/CopyData still to pass through, and whether the client sees them.
     passthrough: usize,
     passthrough_visible: bool,
+    /// Parameters the client has now (startup values and SETs), applied to
+    /// whichever server connection serves it next.
+    params: Params,
+    /// What RESET / RESET ALL go back to: the client's startup parameters.
+    startup_params: Params,
+    /// A SET/RESET/DISCARD in flight: takes effect when it succeeds.
+    param_change: Option<ParamChange>,
+    /// Changes made inside a transaction block: kept only if it commits.
+    txn_param_changes: Vec<ParamChange>,
+    last_command: Option<Vec<u8>>,
+    /// Held on its server connection for good (transaction mode only).
+    pinned: Option<PinReason>,
     shutdown: watch::Receiver<bool>,
     draining: bool,
 }
@@ -97,6 +113,7 @@ impl Session {
         user: Arc<UserEntry>,
         database: String,
         cancel: CancelHandle,
+        params: Params,
         shutdown: watch::Receiver<bool>,
     ) -> Session {
         Session {
@@ -117,6 +134,12 @@ impl Session {
             lost: None,
             passthrough: 0,
             passthrough_visible: true,
+            startup_params: params.clone(),
+            params,
+            param_change: None,
+            txn_param_changes: Vec::new(),
+            last_command: None,
+            pinned: None,
             shutdown,
             draining: false,
         }
@@ -270,6 +293,25 @@ impl Session {
         if let Intent::Proxy(command) = &intent {
             return self.proxy_command(command).await;
         }
+        if let Some(sql) = sql {
+            if let Some(reason) = state::pin_reason(sql) {
+                self.pin(reason);
+            }
+            match state::param_change(sql) {
+                Ok(Some(ParamChange::Deallocate { name }))
+                    if self.statements.get(name.as_bytes()).is_some() =>
+                {
+                    // A protocol-level statement: it lives in the proxy.
+                    self.statements.remove(name.as_bytes());
+                    self.client
+                        .send(&backend::command_complete("DEALLOCATE"))
+                        .await?;
+                    return self.ready(self.client_status).await;
+                }
+                Ok(change) => self.param_change = change,
+                Err(reason) => self.pin(reason),
+            }
+        }
         if self.server.is_none() {
             match intent {
                 Intent::Begin { read_only }
@@ -408,6 +450,9 @@ impl Session {
     async fn forward_parse(&mut self, frame: &Frame) -> Result<(), ClientError> {
         let parse = Parse::decode(frame)?;
         if parse.name.is_empty() {
+            if let Ok(sql) = std::str::from_utf8(parse.query) {
+                self.pin_if_needed_extended(sql);
+            }
             return self.forward(frame, Kind::Parse).await;
         }
         if self.statements.get(parse.name).is_some() {
@@ -423,12 +468,35 @@ impl Session {
             self.skip_to_sync = true;
             return Ok(());
         }
-        let intent = std::str::from_utf8(parse.query)
-            .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
+        let sql = std::str::from_utf8(parse.query).ok();
+        let intent = sql.map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
+        if let Some(sql) = sql {
+            self.pin_if_needed_extended(sql);
+        }
         let statement = Statement::new(&parse, intent);
         self.statements.insert(parse.name, statement.clone());
         self.prepare_on_server(&statement, Some(parse.name.to_vec()))
             .await
+    }
+
+    /// Session state changed through the extended protocol is not followed:
+    /// such a client keeps its server connection.
+    fn pin_if_needed_extended(&mut self, sql: &str) {
+        if let Some(reason) = state::pin_reason(sql) {
+            self.pin(reason);
+        } else if !matches!(state::param_change(sql), Ok(None)) {
+            self.pin(PinReason::UntrackedSet);
+        }
+    }
+
+    fn pin(&mut self, reason: PinReason) {
+        if self.pinned.is_none() && self.mode() == PoolMode::Transaction {
+            tracing::info!(
+                reason = reason.as_str(),
+                "client pinned to its server connection"
+            );
+            self.pinned = Some(reason);
+        }
     }
 
     /// Makes sure the attached server holds `statement`. `client_name` is set
@@ -490,6 +558,7 @@ impl Session {
             }
             return Ok(false);
         }
+        self.sync_params().await?;
         let held = self.held_begin.take();
         if let Some(held) = &held {
             self.send_to_server(&held.frame).await?;
@@ -640,8 +709,10 @@ impl Session {
     async fn on_server_message(&mut self, frame: Frame) -> Result<(), ClientError> {
         self.emit_synthetic().await?;
         match frame.tag() {
+            // ParameterStatus goes through even for statements the proxy
+            // inserted: after them the client's view matches the server's.
             backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | b'A' => {
-                self.client.send(&frame).await?;
+                self.client.send(&frame).await?
             }
             backend::ERROR_RESPONSE if is_fatal(&frame) => {
                 // The server is closing this connection, not the client's
@@ -655,6 +726,9 @@ impl Session {
                 }
             }
             backend::ERROR_RESPONSE => {
+                if self.pending.head_visible() {
+                    self.param_change = None;
+                }
                 let (visible, undone) = self.pending.on_error();
                 self.undo_parses(undone);
                 if visible {
@@ -671,6 +745,7 @@ impl Session {
                 if self.pending.on_reply(backend::READY_FOR_QUERY) {
                     self.client_status = status;
                     self.client.send(&frame).await?;
+                    self.settle_param_changes(status).await?;
                 }
                 self.emit_synthetic().await?;
                 self.release_if_done();
@@ -684,11 +759,94 @@ impl Session {
             }
             tag => {
                 if self.pending.on_reply(tag) {
+                    if tag == backend::COMMAND_COMPLETE {
+                        self.last_command = Some(frame.body().to_vec());
+                    }
                     self.client.send(&frame).await?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// A statement that changed session parameters has finished: outside a
+    /// transaction block its change holds now; inside one, only if the block
+    /// commits.
+    /// A RESET can leave the server short of the client's startup values
+    /// (the server's own defaults differ): those are put back at once.
+    async fn settle_param_changes(&mut self, status: TxStatus) -> Result<(), ClientError> {
+        if let Some(change) = self.param_change.take() {
+            self.txn_param_changes.push(change);
+        }
+        if status != TxStatus::Idle || self.txn_param_changes.is_empty() {
+            return Ok(());
+        }
+        let ended_by_rollback = self
+            .last_command
+            .as_deref()
+            .is_some_and(|tag| tag.starts_with(b"ROLLBACK"));
+        let changes = std::mem::take(&mut self.txn_param_changes);
+        if ended_by_rollback {
+            return Ok(());
+        }
+        for change in changes {
+            self.apply_param_change(change);
+        }
+        self.sync_params().await
+    }
+
+    /// Brings the attached server's parameters in line with the client's,
+    /// ahead of whatever the client sends next.
+    async fn sync_params(&mut self) -> Result<(), ClientError> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if let Some(sql) = state::sync_sql(&self.params, &server.conn.applied) {
+            server.conn.applied = self.params.clone();
+            self.send_to_server(&fe::query(&sql)).await?;
+            self.pending.push(Kind::Query, false);
+        }
+        Ok(())
+    }
+
+    fn apply_param_change(&mut self, change: ParamChange) {
+        let server = self.server.as_mut().map(|s| &mut s.conn);
+        match change {
+            ParamChange::Set { name, value } => {
+                if let Some(server) = server {
+                    server.applied.insert(name.clone(), value.clone());
+                }
+                self.params.insert(name, value);
+            }
+            ParamChange::Reset { name } => {
+                if let Some(server) = server {
+                    server.applied.remove(&name);
+                }
+                match self.startup_params.get(&name) {
+                    Some(value) => self.params.insert(name, value.clone()),
+                    None => self.params.remove(&name),
+                };
+            }
+            ParamChange::ResetAll | ParamChange::DiscardAll => {
+                if let Some(server) = server {
+                    server.applied.clear();
+                    if change == ParamChange::DiscardAll {
+                        server.prepared.clear();
+                    }
+                }
+                if change == ParamChange::DiscardAll {
+                    self.statements = Statements::default();
+                }
+                self.params = self.startup_params.clone();
+            }
+            ParamChange::DeallocateAll => {
+                if let Some(server) = server {
+                    server.prepared.clear();
+                }
+                self.statements = Statements::default();
+            }
+            ParamChange::Deallocate { .. } => {}
+        }
     }
 
     fn undo_parses(&mut self, undone: Vec<ParseUndo>) {
@@ -706,7 +864,10 @@ impl Session {
     /// and owes nothing.
     fn release_if_done(&mut self) {
         let done = self.server.as_ref().is_some_and(|s| {
-            s.status == TxStatus::Idle && self.pending.is_empty() && !self.unsynced
+            s.status == TxStatus::Idle
+                && self.pending.is_empty()
+                && !self.unsynced
+                && self.pinned.is_none()
         });
         if done && self.mode() == PoolMode::Transaction {
             self.cancel.set_target(None);

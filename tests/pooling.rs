@@ -1,0 +1,388 @@
+//! Transaction pooling that drivers cannot tell from a direct connection:
+//! small pools shared by many clients, in both pool modes.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use common::{Harness, simple_value};
+use futures_util::StreamExt;
+use tidepool::protocol::backend::{self, Auth};
+use tidepool::protocol::frontend as fe;
+use tidepool::protocol::{Frame, frame, startup};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+const SMALL_POOL: &str = "[pool]\nsize = 2\n";
+const SESSION_MODE: &str = "[pool]\nsize = 25\nmode = \"session\"\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_follow_clients_across_server_connections() {
+    let h = Harness::start(SMALL_POOL).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(h.connect().await);
+    }
+    let mut tasks = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let s = c
+                .prepare("select $1::int + 1, pg_backend_pid(), inet_server_port()::int")
+                .await
+                .unwrap();
+            let mut servers = HashSet::new();
+            for round in 0..15 {
+                let row = c.query_one(&s, &[&(i as i32 * 100 + round)]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), i as i32 * 100 + round + 1);
+                servers.insert((row.get::<_, i32>(2), row.get::<_, i32>(1)));
+            }
+            servers
+        }));
+    }
+    let mut all = HashSet::new();
+    let mut moved = 0;
+    for t in tasks {
+        let servers = t.await.unwrap();
+        if servers.len() > 1 {
+            moved += 1;
+        }
+        all.extend(servers);
+    }
+    assert!(all.len() <= 4, "2 replicas x pool size 2, saw {all:?}");
+    assert!(
+        moved >= 10,
+        "only {moved} of 20 clients ever changed server connection"
+    );
+}
+
+async fn set_isolation(extra: &str) {
+    let h = Harness::start(extra).await;
+    let a = h.connect().await;
+    let b = h.connect().await;
+    a.simple_query("set search_path = a_schema, public")
+        .await
+        .unwrap();
+    a.simple_query("set timezone = 'Asia/Tokyo'").await.unwrap();
+    b.simple_query("set search_path to b_schema").await.unwrap();
+    b.simple_query("set time zone 'America/New_York'")
+        .await
+        .unwrap();
+    for round in 0..10 {
+        let primary = if round % 2 == 0 {
+            "/* tidepool: primary */ "
+        } else {
+            ""
+        };
+        assert_eq!(
+            simple_value(&a, &format!("{primary}show search_path")).await,
+            "a_schema, public"
+        );
+        assert_eq!(
+            simple_value(&b, &format!("{primary}show search_path")).await,
+            "b_schema"
+        );
+        assert_eq!(
+            simple_value(&a, &format!("{primary}show timezone")).await,
+            "Asia/Tokyo"
+        );
+        assert_eq!(
+            simple_value(&b, &format!("{primary}show timezone")).await,
+            "America/New_York"
+        );
+        // A fresh client sees neither.
+        let c = h.connect().await;
+        assert_eq!(
+            simple_value(&c, "show search_path").await,
+            "\"$user\", public"
+        );
+    }
+    // SET inside a rolled-back transaction does not stick; inside a committed one it does.
+    a.batch_execute("begin").await.unwrap();
+    a.simple_query("set timezone = 'UTC'").await.unwrap();
+    a.batch_execute("rollback").await.unwrap();
+    assert_eq!(simple_value(&a, "show timezone").await, "Asia/Tokyo");
+    a.batch_execute("begin").await.unwrap();
+    a.simple_query("set timezone = 'UTC'").await.unwrap();
+    a.batch_execute("commit").await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(simple_value(&a, "show timezone").await, "UTC");
+    }
+    // SET LOCAL is the transaction's business only.
+    a.batch_execute("begin").await.unwrap();
+    a.simple_query("set local timezone = 'Europe/Paris'")
+        .await
+        .unwrap();
+    assert_eq!(simple_value(&a, "show timezone").await, "Europe/Paris");
+    a.batch_execute("commit").await.unwrap();
+    assert_eq!(simple_value(&a, "show timezone").await, "UTC");
+    // RESET ALL goes back to the startup values.
+    let started = common::connect(&format!(
+        "{} application_name=starter options='-c statement_timeout=4s'",
+        h.url("app", "app", "postgres")
+    ))
+    .await
+    .unwrap();
+    started
+        .simple_query("set statement_timeout = '9s'")
+        .await
+        .unwrap();
+    started
+        .simple_query("set application_name = 'changed'")
+        .await
+        .unwrap();
+    started.simple_query("reset all").await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(simple_value(&started, "show statement_timeout").await, "4s");
+        assert_eq!(
+            simple_value(&started, "show application_name").await,
+            "starter"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_never_leak_between_clients_in_transaction_mode() {
+    set_isolation(SMALL_POOL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_never_leak_between_clients_in_session_mode() {
+    set_isolation(SESSION_MODE).await;
+}
+
+/// A client whose notifications and notices are kept.
+async fn connect_with_messages(
+    h: &Harness,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>,
+) {
+    let (client, mut connection) = tokio_postgres::connect(&h.url("app", "app", "postgres"), NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            let _ = tx.send(message);
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_state_that_cannot_move_pins_the_client() {
+    // Pinned clients hold their connection: leave room for the others.
+    let h = Harness::start("[pool]\nsize = 4\n").await;
+    let (listener, mut messages) = connect_with_messages(&h).await;
+    listener.simple_query("listen chan").await.unwrap();
+    // Other clients keep the pool busy in between.
+    let other = h.connect().await;
+    for _ in 0..4 {
+        other
+            .simple_query("/* tidepool: primary */ select 1")
+            .await
+            .unwrap();
+    }
+    other.simple_query("notify chan, 'hello'").await.unwrap();
+    listener.simple_query("select 1").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(AsyncMessage::Notification(n)) = messages.recv().await {
+                return n;
+            }
+        }
+    })
+    .await
+    .expect("notification delivered");
+    assert_eq!((got.channel(), got.payload()), ("chan", "hello"));
+
+    let t = h.connect().await;
+    t.simple_query("create temp table scratch (x int)")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        t.simple_query(&format!("insert into scratch values ({i})"))
+            .await
+            .unwrap();
+        other
+            .simple_query("/* tidepool: primary */ select 1")
+            .await
+            .unwrap();
+    }
+    assert_eq!(simple_value(&t, "select count(*) from scratch").await, "5");
+
+    let l = h.connect().await;
+    assert_eq!(
+        simple_value(&l, "select pg_advisory_lock(42)::text").await,
+        ""
+    );
+    other
+        .simple_query("/* tidepool: primary */ select 1")
+        .await
+        .unwrap();
+    assert_eq!(simple_value(&l, "select pg_advisory_unlock(42)").await, "t");
+}
+
+/// A bare-bones protocol client (md5 login), to send exactly the messages a test needs.
+struct RawClient {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    async fn connect(port: u16) -> RawClient {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let packet = startup::encode_startup(&[("user", "app"), ("database", "postgres")]);
+        stream.write_all(&packet).await.unwrap();
+        let mut client = RawClient {
+            stream,
+            buf: BytesMut::new(),
+        };
+        loop {
+            let f = client.read().await;
+            match f.tag() {
+                backend::AUTHENTICATION => match Auth::decode(&f).unwrap() {
+                    Auth::Md5 { salt } => {
+                        let hash =
+                            postgres_protocol::authentication::md5_hash(b"app", b"app", salt);
+                        client.send(&[fe::password(hash.as_bytes())]).await;
+                    }
+                    Auth::Ok => {}
+                    other => panic!("unexpected auth {other:?}"),
+                },
+                backend::READY_FOR_QUERY => return client,
+                backend::ERROR_RESPONSE => panic!("login failed"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn send(&mut self, frames: &[Frame]) {
+        for f in frames {
+            self.stream.write_all(f.raw()).await.unwrap();
+        }
+    }
+
+    async fn read(&mut self) -> Frame {
+        loop {
+            if let Some(f) = frame::try_split(&mut self.buf, 1 << 20).unwrap() {
+                return f;
+            }
+            assert!(
+                self.stream.read_buf(&mut self.buf).await.unwrap() > 0,
+                "closed"
+            );
+        }
+    }
+
+    /// Tags of every message up to and including ReadyForQuery, plus any SQLSTATE.
+    async fn until_ready(&mut self) -> (String, Option<String>) {
+        let mut tags = String::new();
+        let mut code = None;
+        loop {
+            let f = self.read().await;
+            tags.push(f.tag() as char);
+            if f.tag() == backend::ERROR_RESPONSE {
+                code = Some(backend::ErrorFields::decode(&f).unwrap().code);
+            }
+            if f.tag() == backend::READY_FOR_QUERY {
+                return (tags, code);
+            }
+        }
+    }
+}
+
+fn parse(name: &str, sql: &str) -> Frame {
+    Frame::build(fe::PARSE, |b| {
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    })
+}
+
+fn bind(statement: &str) -> Frame {
+    Frame::build(fe::BIND, |b| {
+        b.put_u8(0);
+        b.put_slice(statement.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    })
+}
+
+fn execute() -> Frame {
+    Frame::build(fe::EXECUTE, |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_parse_leaves_no_name_behind() {
+    let h = Harness::start_with(SMALL_POOL, |c| c.users[0].allow_md5 = true).await;
+    let mut c = RawClient::connect(h.port()).await;
+    // The Supavisor case: a Parse that fails, then the same name again.
+    c.send(&[parse("stmt", "select * from missing_table"), fe::sync()])
+        .await;
+    let (tags, code) = c.until_ready().await;
+    assert_eq!((tags.as_str(), code.as_deref()), ("EZ", Some("42P01")));
+    c.send(&[
+        parse("stmt", "select 1"),
+        bind("stmt"),
+        execute(),
+        fe::sync(),
+    ])
+    .await;
+    assert_eq!(c.until_ready().await, ("12DCZ".into(), None));
+    // Reusing a live name is the client's error, as with PostgreSQL, and skips to Sync.
+    c.send(&[
+        parse("stmt", "select 2"),
+        bind("stmt"),
+        execute(),
+        fe::sync(),
+    ])
+    .await;
+    assert_eq!(c.until_ready().await, ("EZ".into(), Some("42P05".into())));
+    // Pipelined: several statements and executions before one Sync, across pooled connections.
+    c.send(&[
+        parse("a", "select 'a'"),
+        parse("b", "select 'b'"),
+        bind("a"),
+        execute(),
+        bind("b"),
+        execute(),
+        fe::sync(),
+        bind("stmt"),
+        execute(),
+        fe::sync(),
+    ])
+    .await;
+    assert_eq!(c.until_ready().await, ("112DC2DCZ".into(), None));
+    assert_eq!(c.until_ready().await, ("2DCZ".into(), None));
+    // Close, then the name is free again.
+    c.send(&[
+        fe::Named::encode(fe::CLOSE, fe::Target::Statement, b"stmt"),
+        fe::sync(),
+    ])
+    .await;
+    assert_eq!(c.until_ready().await, ("3Z".into(), None));
+    c.send(&[
+        parse("stmt", "select 3"),
+        bind("stmt"),
+        execute(),
+        fe::sync(),
+    ])
+    .await;
+    assert_eq!(c.until_ready().await, ("12DCZ".into(), None));
+    // An unknown statement is an error, not a hang.
+    c.send(&[bind("nope"), execute(), fe::sync()]).await;
+    let (tags, code) = c.until_ready().await;
+    assert_eq!((tags.as_str(), code.as_deref()), ("EZ", Some("26000")));
+}
