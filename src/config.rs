@@ -140,6 +140,27 @@ pub enum ConsistencyMode {
     Strong,
 }
 
+impl ConsistencyMode {
+    pub fn parse(value: &str) -> Option<ConsistencyMode> {
+        Some(match value.to_ascii_lowercase().as_str() {
+            "eventual" => ConsistencyMode::Eventual,
+            "read_your_writes" => ConsistencyMode::ReadYourWrites,
+            "monotonic" => ConsistencyMode::Monotonic,
+            "strong" => ConsistencyMode::Strong,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsistencyMode::Eventual => "eventual",
+            ConsistencyMode::ReadYourWrites => "read_your_writes",
+            ConsistencyMode::Monotonic => "monotonic",
+            ConsistencyMode::Strong => "strong",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
@@ -150,6 +171,10 @@ pub struct RoutingConfig {
     /// The same limit in time: an upper bound on how stale a replica's reads are.
     #[serde(with = "humantime_serde")]
     pub max_replica_lag: Duration,
+    /// How long a read-your-writes read waits for a replica to replay the
+    /// session's last write before it goes to the primary instead.
+    #[serde(with = "humantime_serde")]
+    pub ryw_wait: Duration,
     /// Functions that have side effects beyond the built-in list (nextval, ...).
     pub write_functions: Vec<String>,
     /// Statement classifications cached, keyed by a literal-free fingerprint.
@@ -160,6 +185,7 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             consistency: ConsistencyMode::ReadYourWrites,
+            ryw_wait: Duration::from_millis(20),
             max_replica_lag_bytes: 16 << 20,
             max_replica_lag: Duration::from_secs(10),
             write_functions: Vec::new(),
@@ -245,6 +271,9 @@ pub struct UserConfig {
     /// Let this user authenticate with md5 instead of SCRAM-SHA-256.
     #[serde(default)]
     pub allow_md5: bool,
+    /// This user's sessions start in this mode instead of `routing.consistency`.
+    #[serde(default)]
+    pub consistency: Option<ConsistencyMode>,
 }
 
 /// A password or token: its `Debug` never shows it, so no log line can.

@@ -114,17 +114,19 @@ async fn start_session(
         .send(&backend::ready_for_query(TxStatus::Idle))
         .await?;
     client.flush().await?;
-    session::Session::new(
-        shared.clone(),
-        client,
+    let consistency = user
+        .consistency
+        .unwrap_or(shared.config.routing.consistency);
+    let setup = session::SessionSetup {
         user,
         database,
         cancel,
-        wanted,
-        shutdown,
-    )
-    .run()
-    .await
+        params: wanted,
+        mode: consistency,
+    };
+    session::Session::new(shared.clone(), client, setup, shutdown)
+        .run()
+        .await
 }
 
 /// Tells the client why it cannot have a session, then closes.

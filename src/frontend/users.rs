@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth, gen_salted_password};
 
-use crate::config::{Secret, UserConfig};
+use crate::config::{ConsistencyMode, Secret, UserConfig};
 
 const SCRAM_ITERATIONS: usize = 4096;
 
@@ -15,6 +15,8 @@ pub struct UserEntry {
     /// Also the password tidepool logs in to servers with.
     pub password: Secret,
     pub allow_md5: bool,
+    /// Overrides `routing.consistency` for this user's sessions.
+    pub consistency: Option<ConsistencyMode>,
     pub scram: ScramServerAuth,
     salt: Vec<u8>,
     salted_password: Vec<u8>,
@@ -45,6 +47,7 @@ pub fn build(users: &[UserConfig]) -> Users {
                 name: u.name.clone(),
                 password: u.password.clone(),
                 allow_md5: u.allow_md5,
+                consistency: u.consistency,
                 scram,
                 salt: salt.to_vec(),
                 salted_password: salted,

@@ -46,6 +46,9 @@ pub struct ServerConnection {
     pub stream: TcpStream,
     /// Bytes read from the server but not yet handled.
     pub read_buf: BytesMut,
+    /// Messages queued for the server, written together by `flush`: a
+    /// pipelined Parse/Bind/Describe/Execute/Sync leaves in one write.
+    write_buf: BytesMut,
     pub node: NodeId,
     pub addr: SocketAddr,
     /// What a CancelRequest for this connection must quote.
@@ -73,6 +76,7 @@ impl ServerConnection {
         let mut conn = ServerConnection {
             stream,
             read_buf: BytesMut::with_capacity(16 * 1024),
+            write_buf: BytesMut::new(),
             node,
             addr,
             key: BackendKey { pid: 0, secret: 0 },
@@ -157,7 +161,24 @@ impl ServerConnection {
     }
 
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ServerError> {
-        self.stream.write_all(frame.raw()).await?;
+        self.queue(frame).await?;
+        self.flush().await
+    }
+
+    /// Queues a message; it leaves at the next `flush`, or now if much is queued.
+    pub async fn queue(&mut self, frame: &Frame) -> Result<(), ServerError> {
+        self.write_buf.extend_from_slice(frame.raw());
+        if self.write_buf.len() >= 64 * 1024 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ServerError> {
+        if !self.write_buf.is_empty() {
+            self.stream.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+        }
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! a unit of work until the server reports ReadyForQuery Idle with nothing
 //! outstanding; then it goes back to its pool.
 
+mod consistency;
 mod pending;
 mod state;
 mod statements;
@@ -17,7 +18,8 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use self::pending::{Kind, ParseUndo, Pending};
+use self::consistency::Consistency;
+use self::pending::{Capture, Kind, ParseUndo, Pending};
 use self::state::{ParamChange, PinReason};
 use self::statements::{Statement, Statements};
 use super::Shared;
@@ -25,7 +27,7 @@ use super::cancel::CancelHandle;
 use super::client::ClientConn;
 use super::error::{ClientError, RouteError};
 use super::users::UserEntry;
-use crate::config::PoolMode;
+use crate::config::{ConsistencyMode, PoolMode};
 use crate::pool::registry::CheckoutError;
 use crate::pool::{Checkout, PoolKey, ServerError};
 use crate::protocol::backend::{self, ErrorFields, Severity, TxStatus};
@@ -34,11 +36,23 @@ use crate::protocol::{Frame, frame};
 use crate::route::classify::{Intent, ProxyCommand};
 use crate::route::hint::leading_hint;
 use crate::route::policy::{Destination, SessionRoute, destination};
-use crate::topology::NodeId;
+use crate::topology::{Lsn, NodeId, Role};
+
+/// Who the client is and what it asked for at startup.
+pub struct SessionSetup {
+    pub user: Arc<UserEntry>,
+    pub database: String,
+    pub cancel: CancelHandle,
+    /// Its startup parameters, as SQL values.
+    pub params: Params,
+    pub mode: ConsistencyMode,
+}
 
 /// A server connection serving this client right now.
 struct Attached {
     conn: Checkout,
+    /// The node's role when this connection was attached.
+    role: Role,
     /// Status from the server's last ReadyForQuery.
     status: TxStatus,
     /// A read sent to a replica, kept until the first byte of an answer: if
@@ -102,6 +116,20 @@ pub struct Session {
     last_command: Option<Vec<u8>>,
     /// Held on its server connection for good (transaction mode only).
     pinned: Option<PinReason>,
+    consistency: Consistency,
+    /// Messages of the current extended batch write: learn the commit LSN at Sync.
+    unit_writes: bool,
+    /// ...or run a COPY: then learn it only once the unit is over.
+    unit_copies: bool,
+    /// A capture owed once the server is ready again (after a COPY); `true` after a write.
+    capture_when_ready: Option<bool>,
+    /// The replica turned out behind the session's floor: the read in flight
+    /// is hidden from the client and redone.
+    stale_read: bool,
+    /// When a read that keeps finding stale replicas gives up on them.
+    read_deadline: Option<std::time::Instant>,
+    /// The next unit of work goes to the primary whatever it is.
+    force_primary: bool,
     shutdown: watch::Receiver<bool>,
     draining: bool,
 }
@@ -110,12 +138,16 @@ impl Session {
     pub fn new(
         shared: Arc<Shared>,
         client: ClientConn,
-        user: Arc<UserEntry>,
-        database: String,
-        cancel: CancelHandle,
-        params: Params,
+        setup: SessionSetup,
         shutdown: watch::Receiver<bool>,
     ) -> Session {
+        let SessionSetup {
+            user,
+            database,
+            cancel,
+            params,
+            mode,
+        } = setup;
         Session {
             shared,
             client,
@@ -140,6 +172,13 @@ impl Session {
             txn_param_changes: Vec::new(),
             last_command: None,
             pinned: None,
+            consistency: Consistency::new(mode),
+            unit_writes: false,
+            unit_copies: false,
+            capture_when_ready: None,
+            stale_read: false,
+            read_deadline: None,
+            force_primary: false,
             shutdown,
             draining: false,
         }
@@ -177,6 +216,11 @@ impl Session {
                 }
             }
             self.emit_synthetic().await?;
+            if let Some(server) = &mut self.server
+                && let Err(e) = server.conn.flush().await
+            {
+                tracing::debug!(error = %e, "write to server failed");
+            }
             self.client.flush().await?;
             if self.draining && self.is_between_transactions() {
                 return Err(ClientError::ShuttingDown);
@@ -189,12 +233,7 @@ impl Session {
                     }
                 }
                 read = read_server(server) => match read {
-                    Ok(n) if n > 0 => {
-                        if let Some(server) = &mut self.server {
-                            server.replay = None;
-                        }
-                        self.pump_server().await?
-                    }
+                    Ok(n) if n > 0 => self.pump_server().await?,
                     _ => self.on_server_lost().await?,
                 },
                 _ = self.shutdown.changed(), if !self.draining => self.draining = true,
@@ -337,7 +376,36 @@ impl Session {
                 return self.ready(self.client_status).await;
             }
         }
-        self.forward(&frame, Kind::Query).await
+        let ends_writes = intent == Intent::End
+            || (intent == Intent::Write && self.client_status == TxStatus::Idle);
+        self.forward(&frame, Kind::Query).await?;
+        self.capture_after_unit(ends_writes, sql.is_none_or(state::starts_copy))
+            .await
+    }
+
+    /// Pipelined right behind the client's statement, so the client waits
+    /// for nothing: after a write on the primary, its commit LSN; after a
+    /// monotonic read on a replica, how far that replica had replayed.
+    async fn capture_after_unit(&mut self, wrote: bool, copies: bool) -> Result<(), ClientError> {
+        let Some(role) = self.server.as_ref().map(|s| s.role) else {
+            return Ok(());
+        };
+        if copies {
+            self.capture_when_ready = Some(wrote);
+            return Ok(());
+        }
+        let capture = match role {
+            Role::Primary if wrote => Capture::CommitLsn,
+            Role::Replica if self.consistency.tracks_reads() => Capture::Observed,
+            _ => return Ok(()),
+        };
+        let sql = match capture {
+            Capture::CommitLsn => "select pg_current_wal_lsn()",
+            _ => "select pg_last_wal_replay_lsn()",
+        };
+        self.send_to_server(&fe::query(sql)).await?;
+        self.pending.push_capture(capture);
+        Ok(())
     }
 
     async fn on_extended(&mut self, frame: Frame) -> Result<(), ClientError> {
@@ -374,6 +442,8 @@ impl Session {
                 let bind = Bind::decode(&frame)?;
                 match self.statements.get(bind.statement).cloned() {
                     Some(statement) => {
+                        self.unit_writes |= writes(&statement.intent);
+                        self.unit_copies |= statement.copies;
                         self.prepare_on_server(&statement, None).await?;
                         let renamed = bind.renamed(&statement.global);
                         self.forward(&renamed, Kind::Bind).await?;
@@ -411,7 +481,9 @@ impl Session {
             fe::SYNC => {
                 self.forward(&frame, Kind::Sync).await?;
                 self.unsynced = false;
-                return Ok(());
+                let wrote = std::mem::take(&mut self.unit_writes);
+                let copies = std::mem::take(&mut self.unit_copies);
+                return self.capture_after_unit(wrote, copies).await;
             }
             _ => {
                 self.send_to_server(&frame).await?;
@@ -450,8 +522,16 @@ impl Session {
     async fn forward_parse(&mut self, frame: &Frame) -> Result<(), ClientError> {
         let parse = Parse::decode(frame)?;
         if parse.name.is_empty() {
-            if let Ok(sql) = std::str::from_utf8(parse.query) {
-                self.pin_if_needed_extended(sql);
+            match std::str::from_utf8(parse.query) {
+                Ok(sql) => {
+                    self.pin_if_needed_extended(sql);
+                    self.unit_writes |= writes(&self.shared.classifier.classify(sql));
+                    self.unit_copies |= state::starts_copy(sql);
+                }
+                Err(_) => {
+                    self.unit_writes = true;
+                    self.unit_copies = true;
+                }
             }
             return self.forward(frame, Kind::Parse).await;
         }
@@ -541,7 +621,7 @@ impl Session {
         intent: &Intent,
         hint: Option<crate::route::hint::Hint>,
     ) -> Result<bool, ClientError> {
-        let destination = match self.mode() {
+        let mut destination = match self.mode() {
             PoolMode::Session => Destination::Primary,
             PoolMode::Transaction => destination(
                 intent,
@@ -550,7 +630,15 @@ impl Session {
                 self.held_begin.as_ref().map(|h| h.read_only),
             ),
         };
-        if let Err(e) = self.attach(destination).await {
+        let forced = std::mem::take(&mut self.force_primary);
+        if forced || self.consistency.mode == ConsistencyMode::Strong {
+            destination = Destination::Primary;
+        }
+        // A hinted read asked for a replica, whatever its freshness.
+        let floor = (destination == Destination::Replica && hint.is_none())
+            .then(|| self.consistency.floor())
+            .flatten();
+        if let Err(e) = self.attach(destination, floor).await {
             tracing::debug!(error = %e, "no server for statement");
             self.client.send(&e.to_frame(Severity::Error)).await?;
             if self.held_begin.is_some() {
@@ -559,6 +647,7 @@ impl Session {
             return Ok(false);
         }
         self.sync_params().await?;
+        self.probe_if_unconfirmed(floor).await?;
         let held = self.held_begin.take();
         if let Some(held) = &held {
             self.send_to_server(&held.frame).await?;
@@ -576,21 +665,52 @@ impl Session {
         Ok(true)
     }
 
-    async fn attach(&mut self, destination: Destination) -> Result<(), RouteError> {
-        let candidates: Vec<(NodeId, std::net::SocketAddr)> = {
+    /// Attaches a server for `destination`. For reads with a `floor`, the
+    /// replicas the topology already shows at or past it come first; when
+    /// none does, replicas are still tried (the topology's view is one poll
+    /// old) and `probe_if_unconfirmed` checks the one attached.
+    async fn attach(
+        &mut self,
+        destination: Destination,
+        floor: Option<Lsn>,
+    ) -> Result<(), RouteError> {
+        let candidates: Vec<(NodeId, std::net::SocketAddr, Role)> = {
             let topology = self.shared.topology.load();
-            self.shared
-                .picker
-                .candidates(&topology, destination)
-                .into_iter()
-                .map(|id| (id, topology.node(id).addr))
+            let picker = &self.shared.picker;
+            let sticky = self.consistency.sticky;
+            let monotonic = self.consistency.mode == ConsistencyMode::Monotonic;
+            let pick = |floor| match (destination, monotonic) {
+                (Destination::Replica, true) => picker.sticky_candidates(&topology, sticky, floor),
+                _ => picker.candidates_with_floor(&topology, destination, floor),
+            };
+            let mut ids = pick(floor);
+            let confirmed = ids
+                .first()
+                .is_some_and(|&id| topology.node(id).role == Role::Replica);
+            if floor.is_some() && !confirmed {
+                // Unconfirmed: the replica that had replayed most at the last
+                // poll is the likeliest to have reached the floor by now.
+                ids = pick(None);
+                ids.sort_by_key(|&id| {
+                    let node = topology.node(id);
+                    (
+                        node.role != Role::Replica,
+                        std::cmp::Reverse(node.replay_lsn),
+                    )
+                });
+            }
+            ids.into_iter()
+                .map(|id| {
+                    let node = topology.node(id);
+                    (id, node.addr, node.role)
+                })
                 .collect()
         };
         let mut last_error = match destination {
             Destination::Primary => RouteError::NoPrimary,
             Destination::Replica => RouteError::NoServer,
         };
-        for (node, addr) in candidates {
+        for (node, addr, role) in candidates {
             let key = PoolKey {
                 node,
                 user: self.user.name.clone(),
@@ -607,6 +727,7 @@ impl Session {
                     self.cancel.set_target(Some((conn.addr, conn.key)));
                     self.server = Some(Attached {
                         conn,
+                        role,
                         status: TxStatus::Idle,
                         replay: None,
                         fatal: None,
@@ -627,6 +748,30 @@ impl Session {
             }
         }
         Err(last_error)
+    }
+
+    /// When the attached replica is not yet known to have replayed `floor`,
+    /// asks it first, in the same flight as the read: if it is behind, the
+    /// read's answer is hidden and the read redone (see `on_capture`).
+    async fn probe_if_unconfirmed(&mut self, floor: Option<Lsn>) -> Result<(), ClientError> {
+        let (Some(floor), Some(server)) = (floor, self.server.as_ref()) else {
+            return Ok(());
+        };
+        let node = server.conn.node;
+        if server.role != Role::Replica
+            || self
+                .shared
+                .topology
+                .load()
+                .node(node)
+                .serves_reads_at(Some(floor))
+        {
+            return Ok(());
+        }
+        self.send_to_server(&fe::query("select pg_last_wal_replay_lsn()"))
+            .await?;
+        self.pending.push_capture(Capture::ReplayFloor(floor));
+        Ok(())
     }
 
     async fn send_to_server(&mut self, frame: &Frame) -> Result<(), ClientError> {
@@ -693,10 +838,15 @@ impl Session {
             let Some((tag, total)) = frame::peek_header(buf).map_err(lost_protocol)? else {
                 return Ok(());
             };
-            if tag == backend::DATA_ROW || tag == fe::COPY_DATA {
+            if (tag == backend::DATA_ROW || tag == fe::COPY_DATA)
+                && self.pending.head_capture().is_none()
+            {
                 self.emit_synthetic().await?;
                 self.passthrough = total;
                 self.passthrough_visible = self.pending.head_visible();
+                if self.passthrough_visible {
+                    self.answered();
+                }
                 continue;
             }
             let Some(frame) = frame::try_split(buf, usize::MAX).map_err(lost_protocol)? else {
@@ -713,6 +863,13 @@ impl Session {
             // inserted: after them the client's view matches the server's.
             backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | b'A' => {
                 self.client.send(&frame).await?
+            }
+            backend::DATA_ROW if self.pending.head_capture().is_some() => {
+                let capture = self.pending.head_capture().expect("checked");
+                self.pending.on_reply(backend::DATA_ROW);
+                if let Some(lsn) = lsn_value(&frame) {
+                    self.on_capture(capture, lsn).await?;
+                }
             }
             backend::ERROR_RESPONSE if is_fatal(&frame) => {
                 // The server is closing this connection, not the client's
@@ -731,10 +888,26 @@ impl Session {
                 }
                 let (visible, undone) = self.pending.on_error();
                 self.undo_parses(undone);
+                let fields = ErrorFields::decode(&frame).ok();
+                if let Some(fields) = &fields
+                    && fields.code == "25006"
+                    && self
+                        .server
+                        .as_ref()
+                        .is_some_and(|s| s.role == Role::Primary)
+                {
+                    // Read-only transaction on the node believed primary: it
+                    // was demoted. Never write there again; look now.
+                    tracing::warn!(
+                        "the primary refused a write as read-only: refreshing the topology"
+                    );
+                    self.shared.topology.request_refresh();
+                }
                 if visible {
+                    self.answered();
                     self.client.send(&frame).await?;
-                } else if let Ok(fields) = ErrorFields::decode(&frame) {
-                    tracing::warn!(code = %fields.code, message = %fields.message, "error from a statement the proxy inserted");
+                } else if let Some(fields) = fields {
+                    tracing::debug!(code = %fields.code, message = %fields.message, "error from a statement the proxy inserted");
                 }
             }
             backend::READY_FOR_QUERY => {
@@ -743,11 +916,20 @@ impl Session {
                     server.status = status;
                 }
                 if self.pending.on_reply(backend::READY_FOR_QUERY) {
+                    self.answered();
                     self.client_status = status;
                     self.client.send(&frame).await?;
                     self.settle_param_changes(status).await?;
                 }
                 self.emit_synthetic().await?;
+                if self.stale_read && self.pending.is_empty() {
+                    return self.redo_stale_read().await;
+                }
+                if self.pending.is_empty()
+                    && let Some(wrote) = self.capture_when_ready.take()
+                {
+                    self.capture_after_unit(wrote, false).await?;
+                }
                 self.release_if_done();
             }
             backend::COPY_IN_RESPONSE if self.pending.head_is_execute() => {
@@ -755,6 +937,7 @@ impl Session {
                 self.pending.forget_next_sync();
                 self.unsynced = true;
                 self.pending.on_reply(backend::COPY_IN_RESPONSE);
+                self.answered();
                 self.client.send(&frame).await?;
             }
             tag => {
@@ -762,11 +945,80 @@ impl Session {
                     if tag == backend::COMMAND_COMPLETE {
                         self.last_command = Some(frame.body().to_vec());
                     }
+                    self.answered();
                     self.client.send(&frame).await?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// The client has seen part of the answer: the unit can no longer be
+    /// replayed elsewhere.
+    fn answered(&mut self) {
+        if let Some(server) = &mut self.server {
+            server.replay = None;
+        }
+    }
+
+    async fn on_capture(&mut self, capture: Capture, lsn: Lsn) -> Result<(), ClientError> {
+        match capture {
+            Capture::CommitLsn => {
+                self.consistency.record_write(lsn);
+                let token = lsn.to_string();
+                self.client
+                    .send(&backend::parameter_status("tidepool.lsn", &token))
+                    .await?;
+            }
+            Capture::ReplayFloor(floor) if lsn < floor => {
+                tracing::debug!(%lsn, %floor, "replica behind the session's floor: redoing the read");
+                self.stale_read = true;
+                self.pending.hide_rest();
+            }
+            Capture::ReplayFloor(_) => self.read_deadline = None,
+            Capture::Observed => {
+                if let Some(server) = &self.server {
+                    self.consistency.record_read(server.conn.node, lsn);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The replica was behind: give it (or another) until `ryw_wait` runs
+    /// out, a millisecond at a time, then read from the primary.
+    async fn redo_stale_read(&mut self) -> Result<(), ClientError> {
+        self.stale_read = false;
+        self.cancel.set_target(None);
+        let Some(mut server) = self.server.take() else {
+            return Ok(());
+        };
+        server.conn.clean = server.status == TxStatus::Idle;
+        let replay = server.replay.take();
+        drop(server);
+        let now = std::time::Instant::now();
+        let deadline = *self
+            .read_deadline
+            .get_or_insert(now + self.shared.config.routing.ryw_wait);
+        if now < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1).min(deadline - now)).await;
+        } else {
+            self.read_deadline = None;
+            self.force_primary = true;
+        }
+        match replay {
+            Some(replay) => self.replay(replay).await,
+            None => {
+                // Too large to keep: never hand out a stale answer instead.
+                let frame = backend::error_response(
+                    Severity::Error,
+                    "40001",
+                    "could not serve this read at the session's consistency level; retry it",
+                );
+                self.client.send(&frame).await?;
+                self.ready(TxStatus::Idle).await
+            }
+        }
     }
 
     /// A statement that changed session parameters has finished: outside a
@@ -941,47 +1193,124 @@ impl Session {
         Ok(())
     }
 
+    /// `SET`/`RESET`/`SHOW tidepool.*`: answered by the proxy, never forwarded.
     async fn proxy_command(&mut self, command: &ProxyCommand) -> Result<(), ClientError> {
-        let unknown = |name: &str| {
-            backend::error_response(
-                Severity::Error,
-                "42704",
-                &format!("unrecognized configuration parameter \"tidepool.{name}\""),
-            )
+        let reply = match command {
+            ProxyCommand::Set { name, value } => self.set_proxy_param(name, Some(value)),
+            ProxyCommand::Reset { name } => self.set_proxy_param(name, None),
+            ProxyCommand::Show { name } => self
+                .show_proxy_param(name)
+                .map(|value| backend::text_rows(&format!("tidepool.{name}"), &[&value])),
         };
-        match command {
-            ProxyCommand::Set { name, value } if name == "route" => {
-                match SessionRoute::parse(value) {
-                    Some(route) => {
-                        self.route = route;
-                        self.client.send(&backend::command_complete("SET")).await?;
-                    }
-                    None => {
-                        let message = format!(
-                            "invalid value for parameter \"tidepool.route\": \"{value}\" (expected primary or auto)"
-                        );
-                        self.client
-                            .send(&backend::error_response(Severity::Error, "22023", &message))
-                            .await?;
-                    }
-                }
-            }
-            ProxyCommand::Reset { name } if name == "route" => {
-                self.route = SessionRoute::Auto;
-                self.client
-                    .send(&backend::command_complete("RESET"))
-                    .await?;
-            }
-            ProxyCommand::Show { name } if name == "route" => {
-                for frame in backend::text_rows("tidepool.route", &[self.route.as_str()]) {
+        match reply {
+            Ok(frames) => {
+                for frame in frames {
                     self.client.send(&frame).await?;
                 }
             }
-            ProxyCommand::Set { name, .. }
-            | ProxyCommand::Reset { name }
-            | ProxyCommand::Show { name } => self.client.send(&unknown(name)).await?,
+            Err(error) => self.client.send(&error).await?,
         }
         self.ready(self.client_status).await
+    }
+
+    /// Sets (`Some`) or resets (`None`) a session setting of the proxy.
+    fn set_proxy_param(&mut self, name: &str, value: Option<&str>) -> Result<Vec<Frame>, Frame> {
+        let invalid = |expected: &str| {
+            let message = format!(
+                "invalid value for parameter \"tidepool.{name}\": \"{}\" (expected {expected})",
+                value.unwrap_or_default()
+            );
+            backend::error_response(Severity::Error, "22023", &message)
+        };
+        match name {
+            "route" => {
+                self.route = match value {
+                    None => SessionRoute::Auto,
+                    Some(v) => SessionRoute::parse(v).ok_or_else(|| invalid("primary or auto"))?,
+                }
+            }
+            "consistency" => {
+                self.consistency.mode = match value {
+                    None => self
+                        .user
+                        .consistency
+                        .unwrap_or(self.shared.config.routing.consistency),
+                    Some(v) => ConsistencyMode::parse(v).ok_or_else(|| {
+                        invalid("eventual, read_your_writes, monotonic or strong")
+                    })?,
+                }
+            }
+            "min_lsn" => {
+                self.consistency.min_lsn = match value {
+                    None => None,
+                    Some(v) => Some(
+                        v.parse::<Lsn>()
+                            .map_err(|_| invalid("an LSN such as 0/16B3748"))?,
+                    ),
+                }
+            }
+            _ => return Err(unknown_proxy_param(name)),
+        }
+        let tag = if value.is_some() { "SET" } else { "RESET" };
+        Ok(vec![backend::command_complete(tag)])
+    }
+
+    fn show_proxy_param(&self, name: &str) -> Result<String, Frame> {
+        Ok(match name {
+            "route" => self.explain_route(),
+            "consistency" => self.consistency.mode.as_str().to_owned(),
+            "lsn" => self.consistency.last_write.unwrap_or_default().to_string(),
+            "min_lsn" => self.consistency.min_lsn.unwrap_or_default().to_string(),
+            _ => return Err(unknown_proxy_param(name)),
+        })
+    }
+
+    /// Where the next plain read would go, and why: `SHOW tidepool.route`.
+    fn explain_route(&self) -> String {
+        let topology = self.shared.topology.load();
+        let floor = self.consistency.floor();
+        let mode = self.consistency.mode;
+        let (node, why) = if self.route == SessionRoute::Primary {
+            (topology.primary(), "tidepool.route = primary".to_owned())
+        } else if mode == ConsistencyMode::Strong {
+            (
+                topology.primary(),
+                "consistency strong: reads go to the primary".to_owned(),
+            )
+        } else {
+            let fresh = topology.read_replicas(floor).next();
+            let floor_text = floor.map_or("none".to_owned(), |f| f.to_string());
+            match fresh {
+                Some(replica) => (
+                    Some(replica),
+                    format!("{}: replica at or past floor {floor_text}", mode.as_str()),
+                ),
+                None if topology.read_replicas(None).next().is_some() => (
+                    topology.read_replicas(None).next(),
+                    format!(
+                        "{}: replica checked against floor {floor_text} before reading, else primary after {:?}",
+                        mode.as_str(),
+                        self.shared.config.routing.ryw_wait
+                    ),
+                ),
+                None => (
+                    topology.primary(),
+                    "no replica serves reads: primary".to_owned(),
+                ),
+            }
+        };
+        let target = node.map_or("none".to_owned(), |n| {
+            format!("{} ({} {})", n.id, n.role.as_str(), n.addr)
+        });
+        format!(
+            "mode={} pool={} session={} next read: {target}; {why}",
+            mode.as_str(),
+            match self.mode() {
+                PoolMode::Transaction => "transaction",
+                PoolMode::Session => "session",
+            },
+            self.route.as_str()
+        )
     }
 
     /// The session is over: a clean server goes back to its pool (reset with
@@ -1021,13 +1350,34 @@ async fn read_server(server: Option<&mut Attached>) -> std::io::Result<usize> {
 /// A failed write means the connection is gone; the session's next read from
 /// it fails too and `on_server_lost` tells the client, in protocol order.
 async fn send_quietly(server: &mut Attached, frame: &Frame) {
-    if let Err(e) = server.conn.send(frame).await {
+    if let Err(e) = server.conn.queue(frame).await {
         tracing::debug!(error = %e, "write to server failed");
     }
 }
 
 fn lost_protocol(e: crate::protocol::ProtocolError) -> ClientError {
     ClientError::Route(RouteError::ServerLost(format!("protocol error: {e}")))
+}
+
+fn unknown_proxy_param(name: &str) -> Frame {
+    backend::error_response(
+        Severity::Error,
+        "42704",
+        &format!("unrecognized configuration parameter \"tidepool.{name}\""),
+    )
+}
+
+/// Whether a unit with this intent writes, so its commit LSN matters.
+fn writes(intent: &Intent) -> bool {
+    matches!(intent, Intent::Write | Intent::End)
+}
+
+/// The LSN in a one-column DataRow, `None` when it is NULL or not an LSN.
+fn lsn_value(frame: &Frame) -> Option<Lsn> {
+    let body = frame.body();
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let text = std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()?;
+    text.parse().ok()
 }
 
 fn is_fatal(frame: &Frame) -> bool {

@@ -43,6 +43,17 @@ impl Kind {
     }
 }
 
+/// A query the proxy inserted to learn something: its one value is read, not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// `pg_current_wal_lsn()` after a write: the session's commit LSN.
+    CommitLsn,
+    /// `pg_last_wal_replay_lsn()` before a read that needs at least this LSN.
+    ReplayFloor(crate::topology::Lsn),
+    /// `pg_last_wal_replay_lsn()` after a read: what the session has seen.
+    Observed,
+}
+
 /// Bookkeeping to undo when a Parse the proxy sent fails or is skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseUndo {
@@ -58,6 +69,7 @@ pub enum Expect {
         /// False for messages the proxy inserted: their responses are hidden.
         visible: bool,
         undo: Option<ParseUndo>,
+        capture: Option<Capture>,
     },
     /// A response the client is owed that the server will not send.
     Synthetic(Frame),
@@ -82,6 +94,7 @@ impl Pending {
             kind,
             visible,
             undo: None,
+            capture: None,
         });
     }
 
@@ -90,7 +103,41 @@ impl Pending {
             kind: Kind::Parse,
             visible,
             undo: Some(undo),
+            capture: None,
         });
+    }
+
+    /// An inserted simple query whose single value the proxy reads.
+    pub fn push_capture(&mut self, capture: Capture) {
+        self.queue.push_back(Expect::Reply {
+            kind: Kind::Query,
+            visible: false,
+            undo: None,
+            capture: Some(capture),
+        });
+    }
+
+    /// What the oldest outstanding message captures, if it is a capture.
+    pub fn head_capture(&self) -> Option<Capture> {
+        match self.queue.front() {
+            Some(Expect::Reply { capture, .. }) => *capture,
+            _ => None,
+        }
+    }
+
+    /// Hides every response still to come after the current one, and drops
+    /// the replies the proxy owed: the work they answer will be redone.
+    pub fn hide_rest(&mut self) {
+        let head = self.queue.pop_front();
+        self.queue.retain(|e| matches!(e, Expect::Reply { .. }));
+        for e in &mut self.queue {
+            if let Expect::Reply { visible, .. } = e {
+                *visible = false;
+            }
+        }
+        if let Some(head) = head {
+            self.queue.push_front(head);
+        }
     }
 
     pub fn push_synthetic(&mut self, frame: Frame) {

@@ -63,17 +63,8 @@ impl PinReason {
 
 /// Lower-cased words of `sql` up to the first `;`, skipping leading comments.
 fn words(sql: &str, max: usize) -> Vec<String> {
-    let mut rest = sql.trim_start();
-    loop {
-        if let Some(after) = rest.strip_prefix("--") {
-            rest = after.split_once('\n').map_or("", |(_, r)| r).trim_start();
-        } else if let Some(after) = rest.strip_prefix("/*") {
-            rest = after.split_once("*/").map_or("", |(_, r)| r).trim_start();
-        } else {
-            break;
-        }
-    }
-    rest.split(|c: char| c.is_whitespace() || c == ';' || c == '=' || c == '(')
+    skip_comments(sql)
+        .split(|c: char| c.is_whitespace() || c == ';' || c == '=' || c == '(')
         .filter(|w| !w.is_empty())
         .take(max)
         .map(str::to_ascii_lowercase)
@@ -95,9 +86,33 @@ fn is_multi_statement(sql: &str) -> bool {
     false
 }
 
+/// The statement's first keyword, without allocating: most statements are
+/// ruled out by it alone, on the hot path.
+fn first_word(sql: &str) -> &str {
+    let rest = skip_comments(sql);
+    let end = rest
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    &rest[..end]
+}
+
+fn first_word_is(sql: &str, candidates: &[&str]) -> bool {
+    let word = first_word(sql);
+    candidates.iter().any(|c| word.eq_ignore_ascii_case(c))
+}
+
+/// COPY puts the server in copy mode until the data has passed: nothing may
+/// be pipelined behind it.
+pub fn starts_copy(sql: &str) -> bool {
+    first_word_is(sql, &["copy"])
+}
+
 /// The session-parameter effect of a simple-protocol statement, if any.
 /// `Err` when it changes session state in a way that cannot be followed.
 pub fn param_change(sql: &str) -> Result<Option<ParamChange>, PinReason> {
+    if !first_word_is(sql, &["set", "reset", "discard", "deallocate"]) {
+        return Ok(None);
+    }
     let w = words(sql, 4);
     let first = w.first().map(String::as_str).unwrap_or("");
     if !matches!(first, "set" | "reset" | "discard" | "deallocate") {
@@ -239,6 +254,9 @@ fn normalize_name(name: &str) -> String {
 
 /// Why a statement must keep the client on its server connection, if it must.
 pub fn pin_reason(sql: &str) -> Option<PinReason> {
+    if !first_word_is(sql, &["listen", "load", "prepare", "declare", "create"]) {
+        return takes_session_advisory_lock(sql).then_some(PinReason::AdvisoryLock);
+    }
     let w = words(sql, 4);
     let word = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
     let reason = match word(0) {

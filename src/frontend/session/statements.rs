@@ -18,15 +18,19 @@ pub struct Statement {
     pub parse: Frame,
     /// Decided once at Parse; it routes every later Bind/Execute.
     pub intent: Intent,
+    /// A COPY: nothing may be pipelined behind its Execute.
+    pub copies: bool,
 }
 
 impl Statement {
     pub fn new(parse: &Parse<'_>, intent: Intent) -> Arc<Statement> {
         let global = global_name(parse.query, parse.param_types);
+        let copies = std::str::from_utf8(parse.query).map_or(true, super::state::starts_copy);
         Arc::new(Statement {
             parse: parse.renamed(&global),
             global,
             intent,
+            copies,
         })
     }
 }

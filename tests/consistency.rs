@@ -1,0 +1,181 @@
+//! A history checker that can fail: many clients write then read their own
+//! keys, read again, and pass causal tokens between connections, against a
+//! cluster where one replica applies WAL 300 ms late.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::{Harness, simple_rows, simple_value};
+
+#[derive(Default)]
+struct Tally {
+    ryw_violations: AtomicU64,
+    monotonic_violations: AtomicU64,
+    token_violations: AtomicU64,
+    replica_reads: AtomicU64,
+    primary_reads: AtomicU64,
+}
+
+const CLIENTS: i32 = 6;
+const ROUNDS: i32 = 20;
+
+async fn read_max(c: &tokio_postgres::Client, key: i32, primary: u16, tally: &Tally) -> i32 {
+    let rows = simple_rows(
+        c,
+        &format!("select coalesce(max(seq), -1)::text || ':' || inet_server_port() from kv where client = {key}"),
+    )
+    .await;
+    let (max, port) = rows[0].split_once(':').unwrap();
+    if port.parse::<u16>().unwrap() == primary {
+        tally.primary_reads.fetch_add(1, Ordering::Relaxed);
+    } else {
+        tally.replica_reads.fetch_add(1, Ordering::Relaxed);
+    }
+    max.parse().unwrap()
+}
+
+async fn check(h: &Harness, mode: &str) -> Arc<Tally> {
+    let tally = Arc::new(Tally::default());
+    let primary = h.primary_port();
+    let base = match mode {
+        "eventual" => 0,
+        "read_your_writes" => 1000,
+        "monotonic" => 2000,
+        _ => 3000,
+    };
+    let mut tasks = Vec::new();
+    for n in 0..CLIENTS {
+        let writer = h.connect().await;
+        let reader = h.connect().await;
+        let tally = tally.clone();
+        let mode = mode.to_owned();
+        tasks.push(tokio::spawn(async move {
+            writer
+                .simple_query(&format!("set tidepool.consistency = {mode}"))
+                .await
+                .unwrap();
+            reader
+                .simple_query(&format!("set tidepool.consistency = {mode}"))
+                .await
+                .unwrap();
+            let key = base + n;
+            let mut seen = -1;
+            for seq in 0..ROUNDS {
+                writer
+                    .simple_query(&format!("insert into kv values ({key}, {seq})"))
+                    .await
+                    .unwrap();
+                // Write then read, on the writer's own session.
+                let got = read_max(&writer, key, primary, &tally).await;
+                if got < seq {
+                    tally.ryw_violations.fetch_add(1, Ordering::Relaxed);
+                }
+                // Read then read: never back in time.
+                let again = read_max(&writer, key, primary, &tally).await;
+                if again < got.max(seen) {
+                    tally.monotonic_violations.fetch_add(1, Ordering::Relaxed);
+                }
+                seen = seen.max(again);
+                // Another connection, handed the writer's token.
+                let token = simple_value(&writer, "show tidepool.lsn").await;
+                reader
+                    .simple_query(&format!("set tidepool.min_lsn = '{token}'"))
+                    .await
+                    .unwrap();
+                if read_max(&reader, key, primary, &tally).await < seq {
+                    tally.token_violations.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "{mode:>17}: ryw violations {}, monotonic violations {}, token violations {}, reads on replicas {}, on primary {}",
+        tally.ryw_violations.load(Ordering::Relaxed),
+        tally.monotonic_violations.load(Ordering::Relaxed),
+        tally.token_violations.load(Ordering::Relaxed),
+        tally.replica_reads.load(Ordering::Relaxed),
+        tally.primary_reads.load(Ordering::Relaxed),
+    );
+    tally
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consistency_modes_hold_against_a_late_replica() {
+    let h = Harness::start("").await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute("create table kv (client int, seq int, primary key (client, seq)); grant all on kv to app")
+        .await
+        .unwrap();
+    h.caught_up().await;
+    h.cluster
+        .psql(1, "alter system set recovery_min_apply_delay = '300ms'")
+        .unwrap();
+    h.cluster.psql(1, "select pg_reload_conf()").unwrap();
+
+    let eventual = check(&h, "eventual").await;
+    assert!(
+        eventual.ryw_violations.load(Ordering::Relaxed) > 0,
+        "the checker must be able to see stale reads"
+    );
+    for mode in ["read_your_writes", "monotonic"] {
+        let t = check(&h, mode).await;
+        assert_eq!(t.ryw_violations.load(Ordering::Relaxed), 0, "{mode}");
+        assert_eq!(t.monotonic_violations.load(Ordering::Relaxed), 0, "{mode}");
+        assert_eq!(t.token_violations.load(Ordering::Relaxed), 0, "{mode}");
+        assert!(
+            t.replica_reads.load(Ordering::Relaxed) > 0,
+            "{mode}: no read went to a replica"
+        );
+    }
+    let strong = check(&h, "strong").await;
+    assert_eq!(strong.ryw_violations.load(Ordering::Relaxed), 0);
+    assert_eq!(strong.replica_reads.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_and_route_explanations() {
+    let h = Harness::start("").await;
+    let c = h.connect().await;
+    assert_eq!(simple_value(&c, "show tidepool.lsn").await, "0/0");
+    c.batch_execute("create table t (x int)").await.unwrap();
+    let token = simple_value(&c, "show tidepool.lsn").await;
+    assert_ne!(token, "0/0", "a write reports its commit LSN");
+    assert!(token.contains('/'));
+    c.simple_query("set tidepool.min_lsn = 'FFFFFFFF/0'")
+        .await
+        .unwrap();
+    let route = simple_value(&c, "show tidepool.route").await;
+    assert!(route.contains("FFFFFFFF/0"), "{route}");
+    let err = c
+        .simple_query("set tidepool.min_lsn = 'nonsense'")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err), "22023");
+    let err = c
+        .simple_query("set tidepool.consistency = 'sometimes'")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err), "22023");
+    c.simple_query("set tidepool.consistency = strong")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_value(&c, "show tidepool.consistency").await,
+        "strong"
+    );
+    assert_eq!(
+        simple_value(&c, "select inet_server_port()").await,
+        h.primary_port().to_string()
+    );
+    c.simple_query("reset tidepool.consistency").await.unwrap();
+    assert_eq!(
+        simple_value(&c, "show tidepool.consistency").await,
+        "read_your_writes"
+    );
+}
