@@ -1,0 +1,207 @@
+//! The extended protocol: Parse/Bind/Describe/Execute/Close/Sync, with
+//! client statement names mapped to the server-side copies.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn on_extended(&mut self, frame: Frame) -> Result<(), ClientError> {
+        if !self.unsynced && !self.pending.is_empty() && frame.tag() != fe::FLUSH {
+            self.waiting = Some(frame);
+            return Ok(());
+        }
+        if self.server.is_none() {
+            match frame.tag() {
+                fe::SYNC => return self.ready(self.client_status).await,
+                fe::FLUSH => return Ok(()),
+                fe::CLOSE => {
+                    // Statements live in the proxy between transactions and
+                    // portals do not outlive them: nothing to ask a server.
+                    let named = Named::decode(&frame)?;
+                    if named.target == Target::Statement {
+                        self.statements.remove(named.name);
+                    }
+                    self.client.send(&backend::close_complete()).await?;
+                    self.unsynced = true;
+                    return Ok(());
+                }
+                _ => {}
+            }
+            let intent = self.extended_intent(&frame)?;
+            if !self.start_unit(&intent, None).await? {
+                self.skip_to_sync = true;
+                return Ok(());
+            }
+        }
+        match frame.tag() {
+            fe::PARSE => self.forward_parse(&frame).await?,
+            fe::BIND => {
+                let bind = Bind::decode(&frame)?;
+                match self.statements.get(bind.statement).cloned() {
+                    Some(statement) => {
+                        self.unit_writes |= writes(&statement.intent);
+                        self.unit_copies |= statement.copies;
+                        self.prepare_on_server(&statement, None).await?;
+                        let renamed = bind.renamed(&statement.global);
+                        self.forward(&renamed, Kind::Bind).await?;
+                    }
+                    None => self.forward(&frame, Kind::Bind).await?,
+                }
+            }
+            fe::DESCRIBE => {
+                let named = Named::decode(&frame)?;
+                let known = (named.target == Target::Statement)
+                    .then(|| self.statements.get(named.name).cloned())
+                    .flatten();
+                match known {
+                    Some(statement) => {
+                        self.prepare_on_server(&statement, None).await?;
+                        let renamed =
+                            Named::encode(fe::DESCRIBE, Target::Statement, &statement.global);
+                        self.forward(&renamed, Kind::Describe).await?;
+                    }
+                    None => self.forward(&frame, Kind::Describe).await?,
+                }
+            }
+            fe::CLOSE => {
+                let named = Named::decode(&frame)?;
+                if named.target == Target::Statement && !named.name.is_empty() {
+                    // The server keeps its copy for whoever prepares it next;
+                    // its statement cache evicts it when full.
+                    self.statements.remove(named.name);
+                    self.pending.push_synthetic(backend::close_complete());
+                } else {
+                    self.forward(&frame, Kind::Close).await?;
+                }
+            }
+            fe::EXECUTE => self.forward(&frame, Kind::Execute).await?,
+            fe::SYNC => {
+                self.forward(&frame, Kind::Sync).await?;
+                self.unsynced = false;
+                let wrote = std::mem::take(&mut self.unit_writes);
+                let copies = std::mem::take(&mut self.unit_copies);
+                return self.capture_after_unit(wrote, copies).await;
+            }
+            _ => {
+                self.send_to_server(&frame).await?;
+                return Ok(());
+            }
+        }
+        self.unsynced = true;
+        Ok(())
+    }
+    /// The intent of an extended-protocol message that starts a unit of work.
+    pub(super) fn extended_intent(&self, frame: &Frame) -> Result<Intent, ClientError> {
+        Ok(match frame.tag() {
+            fe::PARSE => {
+                let parse = Parse::decode(frame)?;
+                std::str::from_utf8(parse.query)
+                    .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql))
+            }
+            fe::BIND => {
+                let bind = Bind::decode(frame)?;
+                self.statements
+                    .get(bind.statement)
+                    .map_or(Intent::Write, |s| s.intent.clone())
+            }
+            fe::DESCRIBE => {
+                let named = Named::decode(frame)?;
+                self.statements
+                    .get(named.name)
+                    .filter(|_| named.target == Target::Statement)
+                    .map_or(Intent::Write, |s| s.intent.clone())
+            }
+            _ => Intent::Write,
+        })
+    }
+    pub(super) async fn forward_parse(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        let parse = Parse::decode(frame)?;
+        if parse.name.is_empty() {
+            match std::str::from_utf8(parse.query) {
+                Ok(sql) => {
+                    self.pin_if_needed_extended(sql);
+                    self.unit_writes |= writes(&self.shared.classifier.classify(sql));
+                    self.unit_copies |= state::starts_copy(sql);
+                }
+                Err(_) => {
+                    self.unit_writes = true;
+                    self.unit_copies = true;
+                }
+            }
+            return self.forward(frame, Kind::Parse).await;
+        }
+        if self.statements.get(parse.name).is_some() {
+            let message = format!(
+                "prepared statement \"{}\" already exists",
+                String::from_utf8_lossy(parse.name)
+            );
+            self.pending.push_synthetic(backend::error_response(
+                Severity::Error,
+                "42P05",
+                &message,
+            ));
+            self.skip_to_sync = true;
+            return Ok(());
+        }
+        let sql = std::str::from_utf8(parse.query).ok();
+        let intent = sql.map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
+        if let Some(sql) = sql {
+            self.pin_if_needed_extended(sql);
+        }
+        let statement = Statement::new(&parse, intent);
+        self.statements.insert(parse.name, statement.clone());
+        self.prepare_on_server(&statement, Some(parse.name.to_vec()))
+            .await
+    }
+    /// Session state changed through the extended protocol is not followed:
+    /// such a client keeps its server connection.
+    pub(super) fn pin_if_needed_extended(&mut self, sql: &str) {
+        if let Some(reason) = state::pin_reason(sql) {
+            self.pin(reason);
+        } else if !matches!(state::param_change(sql), Ok(None)) {
+            self.pin(PinReason::UntrackedSet);
+        }
+    }
+    pub(super) fn pin(&mut self, reason: PinReason) {
+        if self.pinned.is_none() && self.mode() == PoolMode::Transaction {
+            tracing::info!(
+                reason = reason.as_str(),
+                "client pinned to its server connection"
+            );
+            self.pinned = Some(reason);
+        }
+    }
+    /// Makes sure the attached server holds `statement`. `client_name` is set
+    /// when this answers the client's own Parse: then the client sees a
+    /// ParseComplete either way; otherwise the inserted Parse stays hidden.
+    pub(super) async fn prepare_on_server(
+        &mut self,
+        statement: &Statement,
+        client_name: Option<Vec<u8>>,
+    ) -> Result<(), ClientError> {
+        let visible = client_name.is_some();
+        let server = self.server.as_mut().expect("attached");
+        if server.conn.prepared.get(&statement.global).is_some() {
+            if visible {
+                self.pending.push_synthetic(backend::parse_complete());
+            }
+            return Ok(());
+        }
+        if server.conn.prepared.len() == server.conn.prepared.cap().get()
+            && let Some((evicted, ())) = server.conn.prepared.pop_lru()
+        {
+            let close = Named::encode(fe::CLOSE, Target::Statement, &evicted);
+            send_quietly(server, &close).await;
+            self.pending.push(Kind::Close, false);
+        }
+        send_quietly(server, &statement.parse).await;
+        server.conn.prepared.put(statement.global.clone(), ());
+        self.pending.push_parse(
+            visible,
+            ParseUndo {
+                global: statement.global.clone(),
+                client_name,
+            },
+        );
+        Ok(())
+    }
+}

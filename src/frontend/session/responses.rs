@@ -1,0 +1,325 @@
+//! What comes back from the server: streamed to the client, matched to the
+//! messages it answers, or read by the proxy itself (captures, probes); and
+//! what happens when the server goes away.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn emit_synthetic(&mut self) -> Result<(), ClientError> {
+        while let Some(frame) = self.pending.pop_synthetic() {
+            if let Some(server) = &mut self.server {
+                // The client has seen part of the answer: too late to replay.
+                server.replay = None;
+            }
+            self.client.send(&frame).await?;
+        }
+        Ok(())
+    }
+    /// Handles everything the server has sent so far. DataRow and CopyData,
+    /// the bulk of any result, pass through as raw bytes, even before a whole
+    /// message has arrived, so a huge row is never buffered whole.
+    pub(super) async fn pump_server(&mut self) -> Result<(), ClientError> {
+        loop {
+            let Some(server) = self.server.as_mut() else {
+                return Ok(());
+            };
+            let buf = &mut server.conn.read_buf;
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(buf.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                let chunk = buf.split_to(n);
+                self.passthrough -= n;
+                if self.passthrough_visible {
+                    self.client.send_bytes(&chunk).await?;
+                }
+                continue;
+            }
+            let Some((tag, total)) = frame::peek_header(buf).map_err(lost_protocol)? else {
+                return Ok(());
+            };
+            if (tag == backend::DATA_ROW || tag == fe::COPY_DATA)
+                && self.pending.head_capture().is_none()
+            {
+                self.emit_synthetic().await?;
+                self.passthrough = total;
+                self.passthrough_visible = self.pending.head_visible();
+                if self.passthrough_visible {
+                    self.answered();
+                }
+                continue;
+            }
+            let Some(frame) = frame::try_split(buf, usize::MAX).map_err(lost_protocol)? else {
+                return Ok(());
+            };
+            self.on_server_message(frame).await?;
+        }
+    }
+    pub(super) async fn on_server_message(&mut self, frame: Frame) -> Result<(), ClientError> {
+        self.emit_synthetic().await?;
+        match frame.tag() {
+            // ParameterStatus goes through even for statements the proxy
+            // inserted: after them the client's view matches the server's.
+            backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | b'A' => {
+                self.client.send(&frame).await?
+            }
+            backend::DATA_ROW if self.pending.head_capture().is_some() => {
+                let capture = self.pending.head_capture().expect("checked");
+                self.pending.on_reply(backend::DATA_ROW);
+                if let Some(lsn) = lsn_value(&frame) {
+                    self.on_capture(capture, lsn).await?;
+                }
+            }
+            backend::ERROR_RESPONSE if is_fatal(&frame) => {
+                // The server is closing this connection, not the client's
+                // session: the client hears about it from `on_server_lost`,
+                // as an error it can carry on after.
+                let message = ErrorFields::decode(&frame)
+                    .map(|f| f.message)
+                    .unwrap_or_default();
+                if let Some(server) = &mut self.server {
+                    server.fatal = Some(message);
+                }
+            }
+            backend::ERROR_RESPONSE => {
+                if self.pending.head_visible() {
+                    self.param_change = None;
+                }
+                let (visible, undone) = self.pending.on_error();
+                self.undo_parses(undone);
+                let fields = ErrorFields::decode(&frame).ok();
+                if let Some(fields) = &fields
+                    && fields.code == "25006"
+                    && self
+                        .server
+                        .as_ref()
+                        .is_some_and(|s| s.role == Role::Primary)
+                {
+                    // Read-only transaction on the node believed primary: it
+                    // was demoted. Never write there again; look now.
+                    tracing::warn!(
+                        "the primary refused a write as read-only: refreshing the topology"
+                    );
+                    self.shared.topology.request_refresh();
+                }
+                if visible {
+                    self.answered();
+                    self.client.send(&frame).await?;
+                } else if let Some(fields) = fields {
+                    tracing::debug!(code = %fields.code, message = %fields.message, "error from a statement the proxy inserted");
+                }
+            }
+            backend::READY_FOR_QUERY => {
+                let status = TxStatus::decode(&frame).map_err(lost_protocol)?;
+                if let Some(server) = &mut self.server {
+                    server.status = status;
+                }
+                if self.pending.on_reply(backend::READY_FOR_QUERY) {
+                    self.answered();
+                    self.client_status = status;
+                    self.client.send(&frame).await?;
+                    self.settle_param_changes(status).await?;
+                }
+                self.emit_synthetic().await?;
+                if self.stale_read && self.pending.is_empty() {
+                    return self.redo_stale_read().await;
+                }
+                if self.pending.is_empty()
+                    && let Some(wrote) = self.capture_when_ready.take()
+                {
+                    self.capture_after_unit(wrote, false).await?;
+                }
+                self.release_if_done();
+            }
+            backend::COPY_IN_RESPONSE if self.pending.head_is_execute() => {
+                // The client's next Sync, after CopyDone, is the one that answers.
+                self.pending.forget_next_sync();
+                self.unsynced = true;
+                self.pending.on_reply(backend::COPY_IN_RESPONSE);
+                self.answered();
+                self.client.send(&frame).await?;
+            }
+            tag => {
+                if self.pending.on_reply(tag) {
+                    if tag == backend::COMMAND_COMPLETE {
+                        self.last_command = Some(frame.body().to_vec());
+                    }
+                    self.answered();
+                    self.client.send(&frame).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+    /// The client has seen part of the answer: the unit can no longer be
+    /// replayed elsewhere.
+    pub(super) fn answered(&mut self) {
+        if let Some(server) = &mut self.server {
+            server.replay = None;
+        }
+    }
+    pub(super) async fn on_capture(
+        &mut self,
+        capture: Capture,
+        lsn: Lsn,
+    ) -> Result<(), ClientError> {
+        match capture {
+            Capture::CommitLsn => {
+                self.consistency.record_write(lsn);
+                let token = lsn.to_string();
+                self.client
+                    .send(&backend::parameter_status("tidepool.lsn", &token))
+                    .await?;
+            }
+            Capture::ReplayFloor(floor) if lsn < floor => {
+                tracing::debug!(%lsn, %floor, "replica behind the session's floor: redoing the read");
+                self.stale_read = true;
+                self.pending.hide_rest();
+            }
+            Capture::ReplayFloor(_) => self.read_deadline = None,
+            Capture::Observed => {
+                if let Some(server) = &self.server {
+                    self.consistency.record_read(server.conn.node, lsn);
+                }
+            }
+        }
+        Ok(())
+    }
+    /// The replica was behind: give it (or another) until `ryw_wait` runs
+    /// out, a millisecond at a time, then read from the primary.
+    pub(super) async fn redo_stale_read(&mut self) -> Result<(), ClientError> {
+        self.stale_read = false;
+        self.cancel.set_target(None);
+        let Some(mut server) = self.server.take() else {
+            return Ok(());
+        };
+        server.conn.clean = server.status == TxStatus::Idle;
+        let replay = server.replay.take();
+        drop(server);
+        let now = std::time::Instant::now();
+        let deadline = *self
+            .read_deadline
+            .get_or_insert(now + self.shared.config.routing.ryw_wait);
+        if now < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1).min(deadline - now)).await;
+        } else {
+            self.read_deadline = None;
+            self.force_primary = true;
+        }
+        match replay {
+            Some(replay) => self.replay(replay).await,
+            None => {
+                // Too large to keep: never hand out a stale answer instead.
+                let frame = backend::error_response(
+                    Severity::Error,
+                    "40001",
+                    "could not serve this read at the session's consistency level; retry it",
+                );
+                self.client.send(&frame).await?;
+                self.ready(TxStatus::Idle).await
+            }
+        }
+    }
+    pub(super) fn undo_parses(&mut self, undone: Vec<ParseUndo>) {
+        for undo in undone {
+            if let Some(server) = &mut self.server {
+                server.conn.prepared.pop(&undo.global);
+            }
+            if let Some(name) = &undo.client_name {
+                self.statements.remove_if(name, &undo.global);
+            }
+        }
+    }
+    pub(super) async fn on_server_lost(&mut self) -> Result<(), ClientError> {
+        let Some(server) = self.server.take() else {
+            return Ok(());
+        };
+        self.cancel.set_target(None);
+        let node = server.conn.node;
+        let lost = RouteError::ServerLost(match &server.fatal {
+            Some(said) => format!("{} ({said})", server.conn.addr),
+            None => server.conn.addr.to_string(),
+        });
+        let replay = server.replay;
+        drop(server.conn);
+        tracing::warn!(%node, "server connection lost");
+        self.shared.topology.report_unreachable(node);
+        if let Some(replay) = replay
+            && self.waiting.is_none()
+        {
+            return self.replay(replay).await;
+        }
+        if self.mode() == PoolMode::Session {
+            return Err(lost.into());
+        }
+        let awaiting = !self.pending.is_empty();
+        self.pending.clear();
+        self.passthrough = 0;
+        if awaiting {
+            self.client.send(&lost.to_frame(Severity::Error)).await?;
+            self.client_status = TxStatus::Idle;
+            if self.unsynced {
+                self.skip_to_sync = true;
+            } else {
+                self.ready(TxStatus::Idle).await?;
+            }
+        } else if self.client_status != TxStatus::Idle {
+            self.lost = Some(lost);
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+    /// Runs a read that got no answer again, from the start, on another node.
+    /// Nothing reached the client yet, so it sees one answer, as if nothing happened.
+    pub(super) async fn replay(&mut self, replay: Replay) -> Result<(), ClientError> {
+        tracing::info!(
+            frames = replay.frames.len(),
+            "replaying a read on another node"
+        );
+        self.pending.clear();
+        self.unsynced = false;
+        self.held_begin = replay.held_begin;
+        for frame in &replay.frames {
+            if frame.tag() == fe::PARSE
+                && let Ok(parse) = Parse::decode(frame)
+                && !parse.name.is_empty()
+            {
+                self.statements.remove(parse.name);
+            }
+        }
+        for frame in replay.frames {
+            self.on_client_message(frame).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The LSN in a one-column DataRow, `None` when it is NULL or not an LSN.
+fn lsn_value(frame: &Frame) -> Option<Lsn> {
+    let body = frame.body();
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let text = std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()?;
+    text.parse().ok()
+}
+
+fn is_fatal(frame: &Frame) -> bool {
+    ErrorFields::decode(frame).is_ok_and(|f| f.severity == "FATAL" || f.severity == "PANIC")
+}
+
+fn lost_protocol(e: crate::protocol::ProtocolError) -> ClientError {
+    ClientError::Route(RouteError::ServerLost(format!("protocol error: {e}")))
+}
+
+pub(super) async fn read_server(server: Option<&mut Attached>) -> std::io::Result<usize> {
+    match server {
+        Some(server) => {
+            let conn = &mut *server.conn;
+            if conn.read_buf.capacity() - conn.read_buf.len() < 8192 {
+                conn.read_buf.reserve(32 * 1024);
+            }
+            conn.stream.read_buf(&mut conn.read_buf).await
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,195 @@
+//! Where a unit of work (a transaction, or a statement outside one) runs:
+//! the destination, the node, and what the proxy pipelines around it.
+
+use super::*;
+
+impl Session {
+    /// Pipelined right behind the client's statement, so the client waits
+    /// for nothing: after a write on the primary, its commit LSN; after a
+    /// monotonic read on a replica, how far that replica had replayed.
+    pub(super) async fn capture_after_unit(
+        &mut self,
+        wrote: bool,
+        copies: bool,
+    ) -> Result<(), ClientError> {
+        let Some(role) = self.server.as_ref().map(|s| s.role) else {
+            return Ok(());
+        };
+        if copies {
+            self.capture_when_ready = Some(wrote);
+            return Ok(());
+        }
+        let capture = match role {
+            Role::Primary if wrote => Capture::CommitLsn,
+            Role::Replica if self.consistency.tracks_reads() => Capture::Observed,
+            _ => return Ok(()),
+        };
+        let sql = match capture {
+            Capture::CommitLsn => "select pg_current_wal_lsn()",
+            _ => "select pg_last_wal_replay_lsn()",
+        };
+        self.send_to_server(&fe::query(sql)).await?;
+        self.pending.push_capture(capture);
+        Ok(())
+    }
+    /// Picks a server for a new unit of work and attaches it. On failure the
+    /// client has been sent the error and `false` is returned.
+    pub(super) async fn start_unit(
+        &mut self,
+        intent: &Intent,
+        hint: Option<crate::route::hint::Hint>,
+    ) -> Result<bool, ClientError> {
+        let mut destination = match self.mode() {
+            PoolMode::Session => Destination::Primary,
+            PoolMode::Transaction => destination(
+                intent,
+                hint,
+                self.route,
+                self.held_begin.as_ref().map(|h| h.read_only),
+            ),
+        };
+        let forced = std::mem::take(&mut self.force_primary);
+        if forced || self.consistency.mode == ConsistencyMode::Strong {
+            destination = Destination::Primary;
+        }
+        // A hinted read asked for a replica, whatever its freshness.
+        let floor = (destination == Destination::Replica && hint.is_none())
+            .then(|| self.consistency.floor())
+            .flatten();
+        if let Err(e) = self.attach(destination, floor).await {
+            tracing::debug!(error = %e, "no server for statement");
+            self.client.send(&e.to_frame(Severity::Error)).await?;
+            if self.held_begin.is_some() {
+                self.client_status = TxStatus::Failed;
+            }
+            return Ok(false);
+        }
+        self.sync_params().await?;
+        self.probe_if_unconfirmed(floor).await?;
+        let held = self.held_begin.take();
+        if let Some(held) = &held {
+            self.send_to_server(&held.frame).await?;
+            self.pending.push(Kind::Query, false);
+        }
+        let server = self.server.as_mut().expect("attached");
+        // Only reads are replayed: a write may have run before its connection died.
+        if destination == Destination::Replica && hint.is_none() {
+            server.replay = Some(Replay {
+                frames: Vec::new(),
+                bytes: 0,
+                held_begin: held,
+            });
+        }
+        Ok(true)
+    }
+    /// Attaches a server for `destination`. For reads with a `floor`, the
+    /// replicas the topology already shows at or past it come first; when
+    /// none does, replicas are still tried (the topology's view is one poll
+    /// old) and `probe_if_unconfirmed` checks the one attached.
+    pub(super) async fn attach(
+        &mut self,
+        destination: Destination,
+        floor: Option<Lsn>,
+    ) -> Result<(), RouteError> {
+        let candidates: Vec<(NodeId, std::net::SocketAddr, Role)> = {
+            let topology = self.shared.topology.load();
+            let picker = &self.shared.picker;
+            let sticky = self.consistency.sticky;
+            let monotonic = self.consistency.mode == ConsistencyMode::Monotonic;
+            let pick = |floor| match (destination, monotonic) {
+                (Destination::Replica, true) => picker.sticky_candidates(&topology, sticky, floor),
+                _ => picker.candidates_with_floor(&topology, destination, floor),
+            };
+            let mut ids = pick(floor);
+            let confirmed = ids
+                .first()
+                .is_some_and(|&id| topology.node(id).role == Role::Replica);
+            if floor.is_some() && !confirmed {
+                // Unconfirmed: the replica that had replayed most at the last
+                // poll is the likeliest to have reached the floor by now.
+                ids = pick(None);
+                ids.sort_by_key(|&id| {
+                    let node = topology.node(id);
+                    (
+                        node.role != Role::Replica,
+                        std::cmp::Reverse(node.replay_lsn),
+                    )
+                });
+            }
+            ids.into_iter()
+                .map(|id| {
+                    let node = topology.node(id);
+                    (id, node.addr, node.role)
+                })
+                .collect()
+        };
+        let mut last_error = match destination {
+            Destination::Primary => RouteError::NoPrimary,
+            Destination::Replica => RouteError::NoServer,
+        };
+        for (node, addr, role) in candidates {
+            let key = PoolKey {
+                node,
+                user: self.user.name.clone(),
+                database: self.database.clone(),
+            };
+            match self
+                .shared
+                .pools
+                .checkout(&key, addr, &self.user.password)
+                .await
+            {
+                Ok(mut conn) => {
+                    conn.clean = false;
+                    self.cancel.set_target(Some((conn.addr, conn.key)));
+                    self.server = Some(Attached {
+                        conn,
+                        role,
+                        status: TxStatus::Idle,
+                        replay: None,
+                        fatal: None,
+                    });
+                    return Ok(());
+                }
+                Err(
+                    e @ CheckoutError::Connect {
+                        source: ServerError::Rejected(_),
+                        ..
+                    },
+                ) => return Err(e.into()),
+                Err(e @ CheckoutError::Connect { .. }) => {
+                    self.shared.topology.report_unreachable(node);
+                    last_error = e.into();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last_error)
+    }
+    /// When the attached replica is not yet known to have replayed `floor`,
+    /// asks it first, in the same flight as the read: if it is behind, the
+    /// read's answer is hidden and the read redone (see `on_capture`).
+    pub(super) async fn probe_if_unconfirmed(
+        &mut self,
+        floor: Option<Lsn>,
+    ) -> Result<(), ClientError> {
+        let (Some(floor), Some(server)) = (floor, self.server.as_ref()) else {
+            return Ok(());
+        };
+        let node = server.conn.node;
+        if server.role != Role::Replica
+            || self
+                .shared
+                .topology
+                .load()
+                .node(node)
+                .serves_reads_at(Some(floor))
+        {
+            return Ok(());
+        }
+        self.send_to_server(&fe::query("select pg_last_wal_replay_lsn()"))
+            .await?;
+        self.pending.push_capture(Capture::ReplayFloor(floor));
+        Ok(())
+    }
+}
