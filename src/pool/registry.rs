@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use deadpool::Runtime;
-use deadpool::managed::{Pool, PoolError, Timeouts};
+use deadpool::managed::{Pool, PoolError};
 
 use super::Checkout;
 use super::manager::ServerManager;
@@ -32,6 +32,32 @@ pub enum CheckoutError {
     },
     #[error("pool closed")]
     Closed,
+}
+
+/// One pool, ready to check connections out of.
+#[derive(Clone)]
+pub struct PoolHandle {
+    pool: Pool<ServerManager>,
+    addr: SocketAddr,
+    checkout_timeout: Duration,
+}
+
+impl PoolHandle {
+    /// A server connection; the pool's own wait, create and recycle timeouts apply.
+    pub async fn checkout(&self) -> Result<Checkout, CheckoutError> {
+        let addr = self.addr;
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
+                CheckoutError::Exhausted(self.checkout_timeout)
+            }
+            PoolError::Timeout(_) => CheckoutError::Connect {
+                addr,
+                source: ServerError::Timeout,
+            },
+            PoolError::Backend(source) => CheckoutError::Connect { addr, source },
+            _ => CheckoutError::Closed,
+        })
+    }
 }
 
 pub struct Pools {
@@ -77,30 +103,23 @@ impl Pools {
         pool
     }
 
+    /// The pool for `key`, made on first use. Sessions keep the handle so
+    /// that a checkout takes neither this map's lock nor a hash of the key.
+    pub fn handle(&self, key: &PoolKey, addr: SocketAddr, password: &Secret) -> PoolHandle {
+        PoolHandle {
+            pool: self.pool(key, addr, password),
+            addr,
+            checkout_timeout: self.settings.checkout_timeout,
+        }
+    }
+
     pub async fn checkout(
         &self,
         key: &PoolKey,
         addr: SocketAddr,
         password: &Secret,
     ) -> Result<Checkout, CheckoutError> {
-        let pool = self.pool(key, addr, password);
-        pool.timeout_get(&Timeouts {
-            wait: Some(self.settings.checkout_timeout),
-            create: Some(self.settings.connect_timeout),
-            recycle: Some(self.settings.connect_timeout),
-        })
-        .await
-        .map_err(|e| match e {
-            PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
-                CheckoutError::Exhausted(self.settings.checkout_timeout)
-            }
-            PoolError::Timeout(_) => CheckoutError::Connect {
-                addr,
-                source: ServerError::Timeout,
-            },
-            PoolError::Backend(source) => CheckoutError::Connect { addr, source },
-            _ => CheckoutError::Closed,
-        })
+        self.handle(key, addr, password).checkout().await
     }
 
     /// Closes idle connections past `idle_timeout` or `max_lifetime`; run periodically.

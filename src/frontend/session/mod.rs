@@ -135,6 +135,8 @@ pub struct Session {
     read_deadline: Option<std::time::Instant>,
     /// The next unit of work goes to the primary whatever it is.
     force_primary: bool,
+    /// Pool handles by node, filled on first use.
+    pools: Vec<Option<crate::pool::registry::PoolHandle>>,
     shutdown: watch::Receiver<bool>,
     draining: bool,
 }
@@ -184,6 +186,7 @@ impl Session {
             stale_read: false,
             read_deadline: None,
             force_primary: false,
+            pools: Vec::new(),
             shutdown,
             draining: false,
         }
@@ -203,6 +206,11 @@ impl Session {
         result
     }
     async fn serve(&mut self) -> Result<(), ClientError> {
+        // Made once: a `changed()` future made on every turn of the loop
+        // would register and unregister a waiter each time.
+        let mut shutdown = self.shutdown.clone();
+        let stop = shutdown.changed();
+        tokio::pin!(stop);
         loop {
             if self.waiting.is_some() && self.pending.is_empty() {
                 let frame = self.waiting.take().expect("checked");
@@ -239,7 +247,7 @@ impl Session {
                     Ok(n) if n > 0 => self.pump_server().await?,
                     _ => self.on_server_lost().await?,
                 },
-                _ = self.shutdown.changed(), if !self.draining => self.draining = true,
+                _ = &mut stop, if !self.draining => self.draining = true,
             }
         }
     }

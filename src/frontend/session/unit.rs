@@ -128,17 +128,8 @@ impl Session {
             Destination::Replica => RouteError::NoServer,
         };
         for (node, addr, role) in candidates {
-            let key = PoolKey {
-                node,
-                user: self.user.name.clone(),
-                database: self.database.clone(),
-            };
-            match self
-                .shared
-                .pools
-                .checkout(&key, addr, &self.user.password)
-                .await
-            {
+            let pool = self.pool_for(node, addr);
+            match pool.checkout().await {
                 Ok(mut conn) => {
                     conn.clean = false;
                     self.cancel.set_target(Some((conn.addr, conn.key)));
@@ -191,5 +182,25 @@ impl Session {
             .await?;
         self.pending.push_capture(Capture::ReplayFloor(floor));
         Ok(())
+    }
+
+    fn pool_for(
+        &mut self,
+        node: NodeId,
+        addr: std::net::SocketAddr,
+    ) -> crate::pool::registry::PoolHandle {
+        if self.pools.len() <= node.0 {
+            self.pools.resize(node.0 + 1, None);
+        }
+        self.pools[node.0]
+            .get_or_insert_with(|| {
+                let key = PoolKey {
+                    node,
+                    user: self.user.name.clone(),
+                    database: self.database.clone(),
+                };
+                self.shared.pools.handle(&key, addr, &self.user.password)
+            })
+            .clone()
     }
 }
