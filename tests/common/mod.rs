@@ -1,6 +1,8 @@
 //! Integration test support: a real cluster with tidepool in front of it.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
