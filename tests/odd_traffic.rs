@@ -121,3 +121,27 @@ async fn an_oversized_message_is_refused_and_nobody_else_notices() {
         .unwrap_err();
     assert!(err.is_closed() || sqlstate(&err) == "08P01", "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encryption_requests_are_declined_without_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start("").await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", h.port()))
+        .await
+        .unwrap();
+    for request in [
+        [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30],
+        [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+    ] {
+        tcp.write_all(&request).await.unwrap();
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N", "GSSENCRequest and SSLRequest are declined");
+    }
+    // Protocol 2 is refused with 08P01.
+    tcp.write_all(&[0, 0, 0, 8, 0, 2, 0, 0]).await.unwrap();
+    let mut reply = Vec::new();
+    tcp.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply[0], b'E');
+    assert!(String::from_utf8_lossy(&reply).contains("08P01"));
+}

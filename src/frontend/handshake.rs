@@ -36,12 +36,12 @@ pub async fn open(
     max_message: usize,
 ) -> Result<Opened, ClientError> {
     loop {
-        let packet = startup::decode(&read_packet(&mut tcp).await?)?;
+        let packet = next_packet(&mut tcp).await?;
         if let (StartupPacket::SslRequest, Some(acceptor)) = (&packet, tls) {
             tcp.write_all(b"S").await?;
             let mut io = acceptor.accept(tcp).await?;
             loop {
-                let packet = startup::decode(&read_packet(&mut io).await?)?;
+                let packet = next_packet(&mut io).await?;
                 if let Some(opened) = answer(packet, &mut io, cancels).await? {
                     return finish(opened, Box::new(io), max_message).await;
                 }
@@ -99,6 +99,24 @@ async fn finish(
             .await?;
     }
     Ok(Opened::Startup { client, startup })
+}
+
+/// The next startup-phase packet; a bad one is answered with the error
+/// (08P01) before the connection closes.
+async fn next_packet(
+    io: &mut (impl AsyncRead + AsyncWrite + Unpin),
+) -> Result<StartupPacket, ClientError> {
+    let result = match read_packet(io).await {
+        Ok(packet) => startup::decode(&packet).map_err(ClientError::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result
+        && let Some(frame) = e.to_frame()
+    {
+        let _ = io.write_all(frame.raw()).await;
+        let _ = io.shutdown().await;
+    }
+    result
 }
 
 async fn read_packet(io: &mut (impl AsyncRead + Unpin)) -> Result<BytesMut, ClientError> {
