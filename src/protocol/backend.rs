@@ -253,6 +253,13 @@ pub fn auth_sasl_final(data: &[u8]) -> Frame {
     auth(12, data)
 }
 
+/// The text of the first column of a DataRow; `None` when NULL or malformed.
+pub fn single_text_value(frame: &Frame) -> Option<&str> {
+    let body = frame.body();
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()
+}
+
 /// A one-column text result set, for the proxy's own SHOW commands.
 pub fn text_rows(column: &str, rows: &[&str]) -> Vec<Frame> {
     let mut frames = vec![Frame::build(ROW_DESCRIPTION, |b| {

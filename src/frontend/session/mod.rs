@@ -128,13 +128,13 @@ pub struct Session {
     unit_copies: bool,
     /// A capture owed once the server is ready again (after a COPY); `true` after a write.
     capture_when_ready: Option<bool>,
-    /// The replica turned out behind the session's floor: the read in flight
-    /// is hidden from the client and redone.
-    stale_read: bool,
-    /// When a read that keeps finding stale replicas gives up on them.
-    read_deadline: Option<std::time::Instant>,
-    /// The next unit of work goes to the primary whatever it is.
+    /// The replica turned out behind this floor: the read in flight is
+    /// hidden from the client and redone.
+    stale_read: Option<Lsn>,
+    /// The next unit of work goes to the primary whatever it is...
     force_primary: bool,
+    /// ...or first to this replica, which has just been seen past the floor.
+    prefer_replica: Option<NodeId>,
     /// Pool handles by node, filled on first use.
     pools: Vec<Option<crate::pool::registry::PoolHandle>>,
     shutdown: watch::Receiver<bool>,
@@ -183,9 +183,9 @@ impl Session {
             unit_writes: false,
             unit_copies: false,
             capture_when_ready: None,
-            stale_read: false,
-            read_deadline: None,
+            stale_read: None,
             force_primary: false,
+            prefer_replica: None,
             pools: Vec::new(),
             shutdown,
             draining: false,

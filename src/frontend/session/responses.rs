@@ -122,7 +122,7 @@ impl Session {
                     self.settle_param_changes(status).await?;
                 }
                 self.emit_synthetic().await?;
-                if self.stale_read && self.pending.is_empty() {
+                if self.stale_read.is_some() && self.pending.is_empty() {
                     return self.redo_stale_read().await;
                 }
                 if self.pending.is_empty()
@@ -174,10 +174,10 @@ impl Session {
             }
             Capture::ReplayFloor(floor) if lsn < floor => {
                 tracing::debug!(%lsn, %floor, "replica behind the session's floor: redoing the read");
-                self.stale_read = true;
+                self.stale_read = Some(floor);
                 self.pending.hide_rest();
             }
-            Capture::ReplayFloor(_) => self.read_deadline = None,
+            Capture::ReplayFloor(_) => {}
             Capture::Observed => {
                 if let Some(server) = &self.server {
                     self.consistency.record_read(server.conn.node, lsn);
@@ -188,25 +188,35 @@ impl Session {
     }
     /// The replica was behind: give it (or another) until `ryw_wait` runs
     /// out, a millisecond at a time, then read from the primary.
+    /// The replica was behind the session's floor. Watch it replay (one
+    /// small query a round trip) until it passes the floor or `ryw_wait`
+    /// runs out; then redo the read there, or on the primary.
     pub(super) async fn redo_stale_read(&mut self) -> Result<(), ClientError> {
-        self.stale_read = false;
+        let floor = self.stale_read.take().expect("a stale read");
         self.cancel.set_target(None);
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
+        let deadline = std::time::Instant::now() + self.shared.config.routing.ryw_wait;
+        let caught_up = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            match server.conn.replay_lsn(left).await {
+                Ok(Some(lsn)) if lsn >= floor => break true,
+                Ok(_) => tokio::task::yield_now().await,
+                Err(_) => break false,
+            }
+        };
         server.conn.clean = server.status == TxStatus::Idle;
         let replay = server.replay.take();
-        drop(server);
-        let now = std::time::Instant::now();
-        let deadline = *self
-            .read_deadline
-            .get_or_insert(now + self.shared.config.routing.ryw_wait);
-        if now < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(1).min(deadline - now)).await;
+        if caught_up {
+            self.prefer_replica = Some(server.conn.node);
         } else {
-            self.read_deadline = None;
             self.force_primary = true;
         }
+        drop(server);
         match replay {
             Some(replay) => self.replay(replay).await,
             None => {
@@ -221,6 +231,7 @@ impl Session {
             }
         }
     }
+
     pub(super) fn undo_parses(&mut self, undone: Vec<ParseUndo>) {
         for undo in undone {
             if let Some(server) = &mut self.server {
@@ -297,10 +308,7 @@ impl Session {
 
 /// The LSN in a one-column DataRow, `None` when it is NULL or not an LSN.
 fn lsn_value(frame: &Frame) -> Option<Lsn> {
-    let body = frame.body();
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    let text = std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()?;
-    text.parse().ok()
+    backend::single_text_value(frame)?.parse().ok()
 }
 
 fn is_fatal(frame: &Frame) -> bool {

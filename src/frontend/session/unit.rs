@@ -116,6 +116,11 @@ impl Session {
                     )
                 });
             }
+            if let Some(preferred) = self.prefer_replica.take()
+                && let Some(i) = ids.iter().position(|&id| id == preferred)
+            {
+                ids[..=i].rotate_right(1);
+            }
             ids.into_iter()
                 .map(|id| {
                     let node = topology.node(id);
