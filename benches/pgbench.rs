@@ -1,10 +1,14 @@
-//! pgbench figures: direct to the primary vs. through tidepool vs. through PgBouncer.
+//! pgbench figures: direct to the primary vs. through tidepool vs. through PgBouncer,
+//! and the cost of tidepool's consistency modes on a write-then-read workload.
 //!
 //! Not a timed test but a report: `cargo bench --bench pgbench` starts a local
 //! primary + 2 replicas, loads `pgbench -i -s 10`, runs tidepool in this process
 //! (so `VmHWM` of this process is the proxy's peak RSS) and PgBouncer as a child,
 //! then runs each workload against every target in interleaved rounds, so that
 //! drift (cache warm-up, table bloat from TPC-B, other load) hits all targets alike.
+//! Then, with both proxies closed, "counted runs" through fresh tidepool instances
+//! show where reads went (pgbench_accounts index scans per node): each workload once,
+//! and a custom write-then-read script direct and per `routing.consistency` mode.
 //!
 //! Env: `TIDEPOOL_BENCH_SECS` (per pgbench run, default 20), `TIDEPOOL_BENCH_ROUNDS`
 //! (default 2; the median per target is reported), `RUST_LOG` (proxy logs to stderr).
@@ -15,10 +19,12 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tidepool::demo::cluster::{Cluster, ClusterSpec, free_port};
 use tidepool::proxy::Proxy;
+use tokio::runtime::Runtime;
 
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 /// Server connections per node (tidepool) and per (user, db) (PgBouncer): the same
@@ -27,6 +33,7 @@ const POOL_SIZE: usize = 16;
 const TARGETS: [&str; 3] = ["direct", "tidepool", "pgbouncer"];
 const TPS_COLS: &str = "direct TPS | tidepool TPS | pgbouncer TPS | tidepool/direct | tidepool/pgbouncer | direct lat ms | tidepool lat ms | pgbouncer lat ms | tidepool CPU µs/txn | pgbouncer CPU µs/txn";
 const LATENCY_COLS: &str = "direct lat ms | tidepool lat ms | pgbouncer lat ms | added µs tidepool | added µs pgbouncer | direct TPS | tidepool TPS | pgbouncer TPS | tidepool CPU µs/txn | pgbouncer CPU µs/txn";
+const MODE_COLS: &str = "TPS | TPS vs eventual | lat ms | reads served by replicas | reads on primary | SELECTs run on replicas (per replica) | replay lag ms median / max";
 
 /// `(name, pgbench args)`. Throughput workloads first; the 1-client run must stay
 /// last: it is reported separately, as the latency each proxy adds per query.
@@ -34,8 +41,36 @@ const WORKLOADS: &[(&str, &str)] = &[
     ("select-only -c16", "-S -M simple -c 16 -j 2"),
     ("TPC-B-like -c16", "-M simple -c 16 -j 2"),
     ("select-only -M extended -c16", "-S -M extended -c 16 -j 2"),
+    ("select-only -M prepared -c16", "-S -M prepared -c 16 -j 2"),
+    ("TPC-B-like -M prepared -c16", "-M prepared -c 16 -j 2"),
     ("select-only -c1", "-S -M simple -c 1 -j 1"),
 ];
+
+/// Write-then-read: `routing.consistency` of each tidepool instance, in table order.
+const MODES: [&str; 4] = ["eventual", "read_your_writes", "monotonic", "strong"];
+/// Custom scripts know the scale only from `-s` (`:scale` is 1 otherwise).
+const MODE_ARGS: &str = "-M simple -c 8 -j 2 -s 10";
+/// One transaction = two autocommit statements: UPDATE a random account, read it back.
+const WRITE_THEN_READ: &str = "\\set aid random(1, 100000 * :scale)
+\\set delta random(-5000, 5000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance, inet_server_port() FROM pgbench_accounts WHERE aid = :aid;
+";
+/// Opens a fresh proxy's server connections (primary and replicas) without touching
+/// pgbench_accounts, whose scan counters tell where the measured SELECTs ran.
+const WARM_UP: &str = "\\set bid random(1, :scale)
+UPDATE pgbench_branches SET bbalance = bbalance WHERE bid = :bid;
+SELECT bbalance FROM pgbench_branches WHERE bid = :bid;
+";
+
+/// What every phase needs; `problems` collects the report's PROBLEM lines.
+struct Bench {
+    cluster: Cluster,
+    rt: Runtime,
+    secs: u64,
+    rounds: u64,
+    problems: String,
+}
 
 #[derive(Clone, Copy)]
 struct Run {
@@ -45,6 +80,30 @@ struct Run {
     /// CPU time (user + system) the proxy process spent per transaction: on a small
     /// machine where proxies and PostgreSQL share cores, that is what a proxy costs.
     proxy_cpu_us: Option<f64>,
+}
+
+/// A run, or the text to show instead (pgbench's exit status and errors).
+type Outcome = Result<Run, String>;
+/// `runs[workload][target][round]`.
+type Runs = Vec<Vec<Vec<Outcome>>>;
+
+/// A run with where it scanned pgbench_accounts: direct, or through a fresh tidepool.
+struct Counted {
+    run: Run,
+    /// Per node (primary first): `idx_scan` of pgbench_accounts during the run, per
+    /// transaction. Write-then-read has one UPDATE (primary) and one SELECT each, so
+    /// `scans[0] - 1` of its reads ran on the primary; a replica's share includes reads
+    /// tidepool redid because that replica had not yet replayed the session's floor.
+    scans: Vec<f64>,
+    /// `pg_stat_replication.replay_lag` (max over replicas, ms), sampled during the run.
+    lag_ms: Vec<f64>,
+}
+
+impl Counted {
+    /// Write-then-read reads served by the primary; the rest were served by replicas.
+    fn on_primary(&self) -> f64 {
+        self.scans[0] - 1.0
+    }
 }
 
 /// Kills PgBouncer however `main` ends, so a failed run never leaks a daemon.
@@ -171,10 +230,10 @@ fn pgbench(port: u16, args: &[&str]) -> Command {
     cmd
 }
 
-/// One measured run. `Err` carries the text to show instead of panicking. pgbench 15
-/// aborts a client on most errors (non-zero exit); serialization failures and
-/// deadlocks are counted as "failed transactions" instead, which we also report.
-fn run_pgbench(port: u16, args: &str, secs: u64) -> Result<Run, String> {
+/// One measured run. pgbench 15 aborts a client on most errors (non-zero exit);
+/// serialization failures and deadlocks are counted as "failed transactions"
+/// instead, which also make the run an `Err`.
+fn run_pgbench(port: u16, args: &str, secs: u64) -> Outcome {
     let secs = secs.to_string();
     let args: Vec<&str> = ["-n", "-T", &secs]
         .into_iter()
@@ -205,50 +264,242 @@ fn run_pgbench(port: u16, args: &str, secs: u64) -> Result<Run, String> {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let lines: Vec<&str> = stderr.lines().collect();
             let tail = lines[lines.len().saturating_sub(10)..].join("\n");
-            let status = out.status;
+            let (status, done) = (out.status, transactions.unwrap_or(0.0));
             Err(format!(
-                "pgbench {status} ({failed} failed transactions):\n{tail}"
+                "pgbench {status} ({failed} failed, {done} processed transactions)\n{tail}"
             ))
         }
     }
 }
 
-/// Committed transactions per node, from `pg_stat_database`.
-fn xacts(cluster: &Cluster) -> Vec<u64> {
-    let sql = "select sum(xact_commit) from pg_stat_database";
-    let count = |i| cluster.psql(i, sql).ok().and_then(|s| s.parse().ok());
-    let nodes = 0..cluster.nodes().len();
-    nodes.map(|i| count(i).unwrap_or(0)).collect()
-}
+impl Bench {
+    /// Logs a run to stderr; a failure also becomes a PROBLEM line of the report,
+    /// with pgbench's exit status and its first error.
+    fn log_run(&mut self, outcome: Result<&Run, &String>, what: &str) {
+        match outcome {
+            Ok(run) => eprintln!("  tps {:.1}, latency {:.3} ms", run.tps, run.latency_ms),
+            Err(e) => {
+                eprintln!("  FAILED: {e}");
+                let mut lines = e.lines();
+                let first = lines.next().unwrap_or_default();
+                let error = lines.find(|l| l.contains("ERROR") || l.contains("error:"));
+                let error = error.unwrap_or_default();
+                self.problems += &format!("- PROBLEM: {what}: {first}: {error}\n");
+            }
+        }
+    }
 
-/// Where tidepool sent each -c16 workload: the share of transactions committed on
-/// each node during a 3 s tidepool-only run. Idle backends (pooled server
-/// connections) flush those counters only every 10 s (PGSTAT_IDLE_INTERVAL), so this
-/// runs apart from the measured runs, with an 11 s settle around each run.
-fn routing_check(cluster: &Cluster, port: u16) -> Vec<String> {
-    let settle = || std::thread::sleep(Duration::from_secs(11));
-    settle();
-    let mut before = xacts(cluster);
-    let workloads = &WORKLOADS[..WORKLOADS.len() - 1];
-    let check = |&(name, args): &(&str, &str)| {
-        eprintln!("[routing check] {name} via tidepool ...");
-        let failed = run_pgbench(port, args, 3).err().map(|_| " (run failed)");
-        settle();
-        let after = xacts(cluster);
-        let counts: Vec<f64> = after
+    /// `runs[workload][target]`: one outcome per round, rounds interleaved across targets.
+    fn measure(&mut self, ports: [Option<u16>; 3], pids: &[Option<String>; 3]) -> Runs {
+        let rounds = self.rounds;
+        let mut runs = vec![vec![Vec::new(); TARGETS.len()]; WORKLOADS.len()];
+        for (w, &(workload, args)) in WORKLOADS.iter().enumerate() {
+            for round in 1..=rounds {
+                for (t, (name, port)) in TARGETS.iter().zip(ports).enumerate() {
+                    let Some(port) = port else { continue };
+                    eprintln!("[{workload}] round {round}/{rounds} via {name} ...");
+                    let pid = pids[t].as_deref();
+                    let cpu_before = pid.and_then(cpu_secs);
+                    let outcome = run_pgbench(port, args, self.secs).map(|mut run| {
+                        let cpu = pid.and_then(cpu_secs).zip(cpu_before);
+                        run.proxy_cpu_us = cpu.map(|(a, b)| (a - b) * 1e6 / run.transactions);
+                        run
+                    });
+                    let what = format!("{workload} via {name}, round {round}");
+                    self.log_run(outcome.as_ref(), &what);
+                    runs[w][t].push(outcome);
+                }
+            }
+        }
+        runs
+    }
+
+    /// Where tidepool sends each -c16 workload: the share of pgbench_accounts index scans
+    /// per node during a 3 s run through a fresh tidepool (configured as the measured one).
+    fn routing_check(&self) -> Vec<String> {
+        let check = |&(name, args): &(&str, &str)| {
+            eprintln!("[routing check] {name} via tidepool ...");
+            let counted = self.counted_run(Some(""), None, args, 3);
+            let counted = counted.map_err(|e| eprintln!("  FAILED: {e}"));
+            let pct = counted.map(|c| {
+                let total = c.scans.iter().sum::<f64>();
+                let pct = c.scans.iter().map(|s| pct(Some(s / total), 0));
+                pct.collect::<Vec<_>>().join(" / ")
+            });
+            format!("{name}: {}", pct.unwrap_or_else(|()| "run failed".into()))
+        };
+        WORKLOADS[..WORKLOADS.len() - 1].iter().map(check).collect()
+    }
+
+    /// `idx_scan` of pgbench_accounts per node: every pgbench statement on it (the
+    /// UPDATEs on the primary, the SELECTs wherever they ran) scans its primary key
+    /// once; neither WAL replay nor tidepool's own queries do.
+    fn account_scans(&self) -> Result<Vec<f64>, String> {
+        let sql = "select idx_scan from pg_stat_user_tables where relname = 'pgbench_accounts'";
+        let scans = |i| {
+            let out = self.cluster.psql(i, sql).map_err(|e| e.to_string())?;
+            out.parse()
+                .map_err(|e| format!("idx_scan on node {i}: {out:?}: {e}"))
+        };
+        (0..self.cluster.nodes().len()).map(scans).collect()
+    }
+
+    /// Waits until no `app` backend is left on any node. A backend flushes its pending
+    /// statistics as it exits (before leaving pg_stat_activity); idle ones may keep
+    /// them for up to 10 s. So after this, the scan counters are complete.
+    fn wait_idle(&self) {
+        let sql = "select count(*) from pg_stat_activity where usename = 'app'";
+        let busy = |i| self.cluster.psql(i, sql).map_or(true, |n| n != "0");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while (0..self.cluster.nodes().len()).any(busy) {
+            if Instant::now() > deadline {
+                eprintln!("WARNING: `app` backends still open after 15 s: counts may be short");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `f` while sampling the replicas' replay lag (ms) every 500 ms.
+    fn sampling_lag<T>(&self, f: impl FnOnce() -> T) -> (T, Vec<f64>) {
+        let sql = "select max(extract(epoch from replay_lag)) * 1000 from pg_stat_replication";
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let lag = self.cluster.psql(0, sql).ok();
+                    samples.extend(lag.and_then(|v| v.parse::<f64>().ok())); // NULL: skipped
+                }
+                samples
+            });
+            let out = f();
+            stop.store(true, Ordering::Relaxed);
+            (out, sampler.join().unwrap_or_default())
+        })
+    }
+
+    /// A run whose pgbench_accounts scans are counted per node: direct (`routing` None)
+    /// or through a fresh tidepool with this `[routing]` table, shut down afterwards so
+    /// that its server backends exit and flush their statistics.
+    fn counted_run(
+        &self,
+        routing: Option<&str>,
+        warm_up: Option<&str>,
+        args: &str,
+        secs: u64,
+    ) -> Result<Counted, String> {
+        self.wait_idle();
+        let before = self.account_scans()?;
+        let proxy = routing.map(|routing| {
+            let extra = format!("[pool]\nsize = {POOL_SIZE}\n\n[routing]\n{routing}\n");
+            let config = tidepool::demo::config(&self.cluster, "127.0.0.1:0", &extra);
+            let proxy = self.rt.block_on(Proxy::start(config));
+            proxy.map_err(|e| format!("tidepool did not start: {e}"))
+        });
+        let proxy = proxy.transpose()?;
+        let primary = self.cluster.primary().port;
+        let port = proxy.as_ref().map_or(primary, |p| p.addr().port());
+        if let Some(Err(e)) = warm_up.map(|args| run_pgbench(port, args, 1)) {
+            eprintln!("  warm-up failed: {e}");
+        }
+        let (run, lag_ms) = self.sampling_lag(|| run_pgbench(port, args, secs));
+        if let Some(proxy) = proxy {
+            self.rt.block_on(proxy.shutdown());
+        }
+        let run = run?;
+        self.wait_idle();
+        let after = self.account_scans()?;
+        let delta = after
             .iter()
             .zip(&before)
-            .map(|(a, b)| a.saturating_sub(*b) as f64)
-            .collect();
-        before = after;
-        let total = counts.iter().sum::<f64>().max(1.0);
-        let pct: Vec<String> = counts
-            .iter()
-            .map(|c| format!("{:.0}%", c * 1e2 / total))
-            .collect();
-        format!("{name}: {}{}", pct.join(" / "), failed.unwrap_or_default())
+            .map(|(a, b)| (a - b) / run.transactions);
+        let scans = delta.collect();
+        Ok(Counted { run, scans, lag_ms })
+    }
+
+    /// The write-then-read table: direct, then tidepool in each mode, rounds interleaved.
+    fn consistency(&mut self) -> String {
+        let dir = tempfile::Builder::new().prefix("tp-bench-").tempdir();
+        let dir = dir.expect("creating a temp dir for the pgbench scripts");
+        let script = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            fs::write(&path, text).expect("writing a pgbench script");
+            format!("-f {} {MODE_ARGS}", path.display())
+        };
+        let scripts = [
+            script("warm-up.sql", WARM_UP),
+            script("write-then-read.sql", WRITE_THEN_READ),
+        ];
+        let modes = || std::iter::once(None).chain(MODES.map(Some));
+        let name = |m: Option<&str>| m.map_or("direct".into(), |m| format!("tidepool {m}"));
+        let mut results: Vec<Vec<_>> = modes().map(|_| Vec::new()).collect();
+        for round in 1..=self.rounds {
+            for (i, mode) in modes().enumerate() {
+                let (name, rounds) = (name(mode), self.rounds);
+                eprintln!("[write-then-read] round {round}/{rounds} via {name} ...");
+                let routing = mode.map(|m| format!("consistency = \"{m}\""));
+                let (warm_up, args) = (Some(scripts[0].as_str()), &scripts[1]);
+                let outcome = self.counted_run(routing.as_deref(), warm_up, args, self.secs);
+                let what = format!("write-then-read via {name}, round {round}");
+                self.log_run(outcome.as_ref().map(|r| &r.run), &what);
+                results[i].push(outcome);
+            }
+        }
+        consistency_table(&results, modes().map(name))
+    }
+}
+
+fn consistency_table(
+    results: &[Vec<Result<Counted, String>>],
+    names: impl Iterator<Item = String>,
+) -> String {
+    let med = |i: usize, f: &dyn Fn(&Counted) -> f64| {
+        median(results[i].iter().flatten().map(f).collect())
     };
-    workloads.iter().map(check).collect()
+    let tps = |i| med(i, &|r| r.run.tps);
+    let served = |i| med(i, &|r| 1.0 - r.on_primary());
+    let mut md = String::from("\n## write-then-read: consistency modes through tidepool\n\n");
+    md += &header(&["target", MODE_COLS].join(" | "));
+    for (i, name) in names.enumerate() {
+        let failed = results[i].iter().filter(|r| r.is_err()).count();
+        let vs = tps(i)
+            .zip(tps(1))
+            .map(|(t, e)| format!("{:+.1}%", (t / e - 1.0) * 1e2));
+        let nodes = results[i].iter().flatten().map(|r| r.scans.len()).max();
+        let per = (1..nodes.unwrap_or(1)).map(|k| pct(med(i, &|r| r.scans[k]), 0));
+        let per = per.collect::<Vec<_>>().join(" / ");
+        let run_on_replicas = pct(med(i, &|r| r.scans[1..].iter().sum()), 0);
+        let lags: Vec<f64> = results[i]
+            .iter()
+            .flatten()
+            .flat_map(|r| r.lag_ms.clone())
+            .collect();
+        let max_lag = lags.iter().copied().reduce(f64::max);
+        md += &row(&[
+            name,
+            tps_text(tps(i), failed, results[i].len()),
+            vs.unwrap_or_else(|| "n/a".into()),
+            cell(med(i, &|r| r.run.latency_ms), 3),
+            pct(served(i), 1),
+            pct(med(i, &|r| r.on_primary()), 1),
+            format!("{run_on_replicas} ({per})"),
+            format!("{} / {}", cell(median(lags), 2), cell(max_lag, 2)),
+        ]);
+    }
+    let cost = tps(2).zip(tps(1)).map(|(r, e)| (1.0 - r / e) * 1e2);
+    let verdict = match cost.zip(served(2)) {
+        Some((c, s)) if c <= 5.0 && s >= 0.8 => "target met",
+        Some(_) => "target NOT met",
+        None => "n/a",
+    };
+    let cost = cost.map_or_else(|| "n/a".into(), |c| format!("{c:.1}%"));
+    md + &format!(
+        "\nread_your_writes vs eventual: TPS cost {cost} (target ≤ 5%), reads served by replicas \
+         {} (target ≥ 80%): {verdict}.\n",
+        pct(served(2), 1),
+    )
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -291,37 +542,56 @@ fn peak_rss(pid: &str) -> String {
     kib.map_or_else(|| "n/a".into(), |k| format!("{:.1} MiB", k / 1024.0))
 }
 
-fn main() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
-        logs.init();
-    }
-    let secs = env_u64("TIDEPOOL_BENCH_SECS", 20);
-    let rounds = env_u64("TIDEPOOL_BENCH_ROUNDS", 2);
-    let have_bouncer = ensure_pgbouncer();
+fn pct(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{:.decimals$}%", v * 1e2))
+}
 
+/// A TPS cell that shows failed runs: "fails (2/2)" when none succeeded.
+fn tps_text(tps: Option<f64>, failed: usize, runs: usize) -> String {
+    match tps {
+        _ if failed == 0 => cell(tps, 0),
+        None => format!("fails ({failed}/{runs})"),
+        Some(v) => format!("{v:.0} ({failed}/{runs} failed)"),
+    }
+}
+
+/// The cluster, loaded with `pgbench -i -s 10`, replicas caught up.
+fn start_cluster() -> Cluster {
     let started = Instant::now();
     let cluster = Cluster::start(ClusterSpec::default()).expect("starting the local cluster");
-    let primary = cluster.primary().port;
     let (elapsed, dir) = (started.elapsed(), cluster.dir().display());
     eprintln!("cluster up in {elapsed:?} in {dir}");
-    let init = pgbench(primary, &["-i", "-q", "-s", "10"]).output();
+    let init = pgbench(cluster.primary().port, &["-i", "-q", "-s", "10"]).output();
     let init = init.expect("spawning pgbench");
     let init_err = String::from_utf8_lossy(&init.stderr);
     assert!(init.status.success(), "pgbench -i failed:\n{init_err}");
     if let Err(e) = cluster.wait_replicas_caught_up(Duration::from_secs(120)) {
         eprintln!("WARNING: replicas not caught up: {e}");
     }
+    cluster
+}
 
-    // The proxy runs on this runtime's worker threads while `main` blocks on pgbench.
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
+        logs.init();
+    }
+    let have_bouncer = ensure_pgbouncer();
+    let mut bench = Bench {
+        cluster: start_cluster(),
+        // The proxies run on this runtime's worker threads while we block on pgbench.
+        rt: Runtime::new().expect("tokio runtime"),
+        secs: env_u64("TIDEPOOL_BENCH_SECS", 20),
+        rounds: env_u64("TIDEPOOL_BENCH_ROUNDS", 2),
+        problems: String::new(),
+    };
+    let primary = bench.cluster.primary().port;
     let pool = format!("[pool]\nsize = {POOL_SIZE}\n");
-    let config = tidepool::demo::config(&cluster, "127.0.0.1:0", &pool);
-    let proxy = rt.block_on(Proxy::start(config));
-    let mut problems = String::new();
+    let config = tidepool::demo::config(&bench.cluster, "127.0.0.1:0", &pool);
+    let proxy = bench.rt.block_on(Proxy::start(config));
     let mut skip = |what: &str, e: String| {
         eprintln!("{what} did not start, no column for it: {e}");
-        problems += &format!("- PROBLEM: {what} did not start: {e}\n");
+        bench.problems += &format!("- PROBLEM: {what} did not start: {e}\n");
     };
     let proxy = proxy.map_err(|e| skip("tidepool", e.to_string())).ok();
     let bouncer = have_bouncer.then(|| start_pgbouncer(primary));
@@ -342,94 +612,119 @@ fn main() {
 
     let bouncer_pid = bouncer.as_ref().map(|b| b.child.id().to_string());
     let proxy_pid = proxy.as_ref().map(|_| "self".to_owned());
-    let pids = [None, proxy_pid, bouncer_pid.clone()];
-    // runs[workload][target]: the successful runs.
-    let mut runs = vec![vec![Vec::new(); TARGETS.len()]; WORKLOADS.len()];
-    for (w, &(workload, args)) in WORKLOADS.iter().enumerate() {
-        for round in 1..=rounds {
-            for (t, (name, port)) in TARGETS.iter().zip(ports).enumerate() {
-                let Some(port) = port else { continue };
-                eprintln!("[{workload}] round {round}/{rounds} via {name} ...");
-                let cpu_before = pids[t].as_deref().and_then(cpu_secs);
-                match run_pgbench(port, args, secs) {
-                    Ok(mut run) => {
-                        let cpu = pids[t].as_deref().and_then(cpu_secs).zip(cpu_before);
-                        run.proxy_cpu_us = cpu.map(|(a, b)| (a - b) * 1e6 / run.transactions);
-                        eprintln!("  tps {:.1}, latency {:.3} ms", run.tps, run.latency_ms);
-                        runs[w][t].push(run);
-                    }
-                    Err(e) => {
-                        eprintln!("  FAILED: {e}");
-                        let what = e.lines().nth(1).filter(|l| !l.is_empty());
-                        let what = what.or(e.lines().next()).unwrap_or_default();
-                        let line =
-                            format!("- PROBLEM: {workload} via {name}, round {round}: {what}\n");
-                        problems += &line;
-                    }
-                }
-            }
-        }
+    let runs = bench.measure(ports, &[None, proxy_pid, bouncer_pid.clone()]);
+    // Before the counted runs' proxies run in this process too.
+    let rss = [peak_rss("self"), peak_rss(&bouncer_pid.unwrap_or_default())];
+    // Closing both pools ends their server backends, which flushes their statistics:
+    // the counted runs below need quiet pgbench_accounts scan counters.
+    drop(bouncer);
+    if let Some(proxy) = proxy {
+        bench.rt.block_on(proxy.shutdown());
     }
-    let routing = ports[1].map(|port| routing_check(&cluster, port).join("; "));
-    let [rss, bouncer_rss] = [peak_rss("self"), peak_rss(&bouncer_pid.unwrap_or_default())];
-    let cpus = first_line("nproc", &[]);
-    let pgbench_version = first_line("pgbench", &["--version"]);
-    let bouncer_version = match have_bouncer {
-        true => first_line(PGBOUNCER, &["--version"]),
-        false => "PgBouncer: not available".into(),
-    };
     let mut md = tables(&runs);
-    md += &format!(
-        "\nNotes:\n\
-         - Reads through tidepool go to the 2 replicas (the point of the product); direct and \
-         PgBouncer send everything to the primary. TPC-B-like transactions (BEGIN…END) go whole \
-         to the primary. Share of transactions committed per node (primary / replica 1 / \
-         replica 2) in separate 3 s tidepool runs, from pg_stat_database: {routing}.\n\
-         - Pool size {POOL_SIZE}: tidepool per node, PgBouncer per (user, db) on the primary. \
-         PostgreSQL x3, both proxies and pgbench share one machine ({cpus} CPUs), so the proxies \
-         compete with PostgreSQL and pgbench for CPU.\n\
-         - Median of {rounds} interleaved round(s) of {secs} s per target, after an unrecorded 2 s \
-         select-only warm-up per target; TPS excludes initial connection time.\n\
-         - Peak RSS (VmHWM): tidepool {rss} (the whole bench process, which hosts the proxy \
-         in-process), PgBouncer {bouncer_rss}. Proxy CPU µs/txn: user + system CPU time of \
-         the proxy process during the run / transactions.\n\
-         - {pgbench_version}; {bouncer_version}.\n\
-         - Command: `TIDEPOOL_BENCH_SECS={secs} TIDEPOOL_BENCH_ROUNDS={rounds} cargo bench --bench pgbench`; \
-         each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS postgres`, ARGS:\n",
-        routing = routing.as_deref().unwrap_or("n/a"),
-    );
-    for (name, args) in WORKLOADS {
-        md += &format!("  - {name}: `{args}`\n");
+    let routing = proxy_port.map(|_| bench.routing_check().join("; "));
+    if proxy_port.is_some() {
+        md += &bench.consistency();
     }
-    md += &problems;
+    md += &bench.notes(&runs, routing.as_deref(), &rss, have_bouncer);
+    md += &bench.problems;
     println!("\n{md}");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-pgbench.md");
     match fs::create_dir_all(path.parent().unwrap()).and_then(|()| fs::write(&path, &md)) {
         Ok(()) => eprintln!("written to {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
     }
+}
 
-    drop(bouncer);
-    if let Some(proxy) = proxy {
-        rt.block_on(proxy.shutdown());
+impl Bench {
+    fn notes(
+        &self,
+        runs: &Runs,
+        routing: Option<&str>,
+        rss: &[String; 2],
+        bouncer: bool,
+    ) -> String {
+        let (secs, rounds, cpus) = (self.secs, self.rounds, first_line("nproc", &[]));
+        let pgbench_version = first_line("pgbench", &["--version"]);
+        let bouncer_version = match bouncer {
+            true => first_line(PGBOUNCER, &["--version"]),
+            false => "PgBouncer: not available".into(),
+        };
+        let prepared = WORKLOADS
+            .iter()
+            .zip(runs)
+            .filter(|((_, a), _)| a.contains("prepared"));
+        let prepared_failed = prepared
+            .flat_map(|(_, by_target)| &by_target[2])
+            .any(Result::is_err);
+        let mut md = format!(
+            "\nNotes:\n\
+             - Reads through tidepool go to the 2 replicas (the point of the product); direct and \
+             PgBouncer send everything to the primary. TPC-B-like transactions (BEGIN…END) go whole \
+             to the primary. Share of pgbench_accounts index scans per node (primary / replica 1 / \
+             replica 2) in separate 3 s runs through a fresh tidepool: {}.\n\
+             - Pool size {POOL_SIZE}: tidepool per node, PgBouncer per (user, db) on the primary. \
+             PostgreSQL x3, both proxies and pgbench share one machine ({cpus} CPUs), so the proxies \
+             compete with PostgreSQL and pgbench for CPU.\n\
+             - Median of {rounds} interleaved round(s) of {secs} s per target, after an unrecorded \
+             2 s select-only warm-up per target; TPS excludes initial connection time. \"fails \
+             (f/n)\": f of n runs failed (pgbench's error is in the PROBLEM lines).\n\
+             - Peak RSS (VmHWM): tidepool {} (the whole bench process, which hosts the proxy \
+             in-process), PgBouncer {}. Proxy CPU µs/txn: user + system CPU time of \
+             the proxy process during the run / transactions.\n",
+            routing.unwrap_or("n/a"),
+            rss[0],
+            rss[1],
+        );
+        if prepared_failed {
+            md += "- `-M prepared` through PgBouncer fails: 1.18 has no `max_prepared_statements` \
+                   (added in 1.21), so in transaction mode a client's next transaction runs on a \
+                   server connection that lacks its statement (\"prepared statement … does not \
+                   exist\") or has another client's under the same name (\"bind message supplies \
+                   0 parameters…\"), and pgbench aborts the client. It needs PgBouncer ≥ 1.21; \
+                   Debian bookworm ships 1.18.\n";
+        }
+        md += &format!(
+            "- Write-then-read (how, in bench/README.md): one fresh tidepool per mode, rounds \
+             interleaved. Reads on primary = Δ idx_scan of pgbench_accounts on the primary / \
+             transactions − 1 (the UPDATE); served by replicas = the rest. SELECTs run on \
+             replicas = their Δ / transactions: above the served share, reads redone because \
+             the replica had not replayed the session's floor yet. Replay lag: \
+             pg_stat_replication.replay_lag, max over replicas, sampled every 0.5 s.\n\
+             - {pgbench_version}; {bouncer_version}.\n\
+             - Command: `TIDEPOOL_BENCH_SECS={secs} TIDEPOOL_BENCH_ROUNDS={rounds} cargo bench \
+             --bench pgbench`; each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS \
+             postgres`, ARGS:\n"
+        );
+        for (name, args) in WORKLOADS {
+            md += &format!("  - {name}: `{args}`\n");
+        }
+        md + &format!(
+            "  - write-then-read: `-f write-then-read.sql {MODE_ARGS}`, the script:\n\n\
+             ```\n{WRITE_THEN_READ}```\n\n"
+        )
     }
 }
 
 /// The two markdown tables, from `runs[workload][target]`, medians per target.
-fn tables(runs: &[Vec<Vec<Run>>]) -> String {
+fn tables(runs: &Runs) -> String {
     let med = |w: usize, t: usize, f: fn(&Run) -> Option<f64>| {
-        median(runs[w][t].iter().filter_map(f).collect())
+        median(runs[w][t].iter().flatten().filter_map(f).collect())
     };
     let tps = |w, t| med(w, t, |r| Some(r.tps));
     let lat = |w, t| med(w, t, |r| Some(r.latency_ms));
     let cpu = |w, t| med(w, t, |r| r.proxy_cpu_us);
+    let tps_cell = |w: usize, t: usize| {
+        let failed = runs[w][t].iter().filter(|r| r.is_err()).count();
+        tps_text(tps(w, t), failed, runs[w][t].len())
+    };
     let ratio = |a: Option<f64>, b: Option<f64>| cell(a.zip(b).map(|(a, b)| a / b), 2);
     let mut md = String::from("## pgbench: direct vs tidepool vs PgBouncer\n\n");
     md += &header(&["workload", TPS_COLS].join(" | "));
     let last = WORKLOADS.len() - 1;
     for (w, (name, _)) in WORKLOADS.iter().enumerate().take(last) {
         let mut cells = vec![name.to_string()];
-        cells.extend((0..3).map(|t| cell(tps(w, t), 0)));
+        cells.extend((0..3).map(|t| tps_cell(w, t)));
         cells.extend([ratio(tps(w, 1), tps(w, 0)), ratio(tps(w, 1), tps(w, 2))]);
         cells.extend((0..3).map(|t| cell(lat(w, t), 3)));
         cells.extend((1..3).map(|t| cell(cpu(w, t), 0)));
@@ -441,9 +736,8 @@ fn tables(runs: &[Vec<Vec<Run>>]) -> String {
     let mut cells = vec![WORKLOADS[last].0.to_owned()];
     cells.extend((0..3).map(|t| cell(lat(last, t), 3)));
     cells.extend([cell(added(1), 0), cell(added(2), 0)]);
-    cells.extend((0..3).map(|t| cell(tps(last, t), 0)));
+    cells.extend((0..3).map(|t| tps_cell(last, t)));
     cells.extend((1..3).map(|t| cell(cpu(last, t), 0)));
     md += &row(&cells);
-
     md
 }
