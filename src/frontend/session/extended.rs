@@ -38,7 +38,7 @@ impl Session {
                 let bind = Bind::decode(&frame)?;
                 match self.statements.get(bind.statement).cloned() {
                     Some(statement) => {
-                        self.unit_writes |= writes(&statement.intent);
+                        self.unit_writes |= ends_write(&statement.intent, self.client_status);
                         self.unit_copies |= statement.copies;
                         self.prepare_on_server(&statement, None).await?;
                         let renamed = bind.renamed(&statement.global);
@@ -119,7 +119,8 @@ impl Session {
             match std::str::from_utf8(parse.query) {
                 Ok(sql) => {
                     self.pin_if_needed_extended(sql);
-                    self.unit_writes |= writes(&self.shared.classifier.classify(sql));
+                    self.unit_writes |=
+                        ends_write(&self.shared.classifier.classify(sql), self.client_status);
                     self.unit_copies |= state::starts_copy(sql);
                 }
                 Err(_) => {

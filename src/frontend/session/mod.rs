@@ -122,7 +122,7 @@ pub struct Session {
     /// Held on its server connection for good (transaction mode only).
     pinned: Option<PinReason>,
     consistency: Consistency,
-    /// Messages of the current extended batch write: learn the commit LSN at Sync.
+    /// The current extended batch ends a write: learn the commit LSN at Sync.
     unit_writes: bool,
     /// ...or run a COPY: then learn it only once the unit is over.
     unit_copies: bool,
@@ -382,8 +382,7 @@ impl Session {
                 return self.ready(self.client_status).await;
             }
         }
-        let ends_writes = intent == Intent::End
-            || (intent == Intent::Write && self.client_status == TxStatus::Idle);
+        let ends_writes = ends_write(&intent, self.client_status);
         self.forward(&frame, Kind::Query).await?;
         self.capture_after_unit(ends_writes, sql.is_none_or(state::starts_copy))
             .await
@@ -458,9 +457,15 @@ async fn send_quietly(server: &mut Attached, frame: &Frame) {
     }
 }
 
-/// Whether a unit with this intent writes, so its commit LSN matters.
-fn writes(intent: &Intent) -> bool {
-    matches!(intent, Intent::Write | Intent::End)
+/// Whether a statement ends a write, so that its commit LSN is worth
+/// learning: COMMIT, or a write outside a transaction block (inside one,
+/// the LSN before COMMIT tells nothing).
+fn ends_write(intent: &Intent, status: TxStatus) -> bool {
+    match intent {
+        Intent::End => true,
+        Intent::Write => status == TxStatus::Idle,
+        _ => false,
+    }
 }
 
 fn is_rollback(sql: &str) -> bool {
