@@ -285,3 +285,86 @@ async fn a_failed_parse_leaves_no_name_behind() {
     let (tags, code) = c.until_ready().await;
     assert_eq!((tags.as_str(), code.as_deref()), ("EZ", Some("26000")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leaving_clients_leave_nothing_behind() {
+    let h = Harness::start("[pool]\nsize = 1\n").await;
+    let primary = "/* tidepool: primary */ ";
+    // A pinned client's temp table is gone when the next client gets its connection.
+    let a = h.connect().await;
+    a.simple_query("create temp table scratch (x int)")
+        .await
+        .unwrap();
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = h.connect().await;
+    b.simple_query("create temp table scratch (x int)")
+        .await
+        .unwrap();
+    drop(b);
+
+    // A client that leaves mid-transaction releases its locks at once.
+    let admin = h.admin().await;
+    admin
+        .batch_execute("create table locked (id int primary key, v int); insert into locked values (1, 0); grant all on locked to app")
+        .await
+        .unwrap();
+    let holder = h.connect().await;
+    holder
+        .batch_execute("begin; update locked set v = 1 where id = 1")
+        .await
+        .unwrap();
+    drop(holder);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = h.connect().await;
+    next.batch_execute("set lock_timeout = '2s'").await.unwrap();
+    next.batch_execute("update locked set v = 2 where id = 1")
+        .await
+        .unwrap();
+
+    // One terminated backend is that client's error, not the node's.
+    let victim = h.connect().await;
+    let err = victim
+        .simple_query(&format!(
+            "{primary}select pg_terminate_backend(pg_backend_pid())"
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.code().is_some(), "{err:?}");
+    for _ in 0..5 {
+        next.batch_execute("update locked set v = v + 1 where id = 1")
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        simple_value(&victim, &format!("{primary}select 'still here'")).await,
+        "still here"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_that_replicas_cannot_answer_go_to_the_primary() {
+    let h = Harness::start("").await;
+    let c = h.connect().await;
+    let primary = h.primary_port().to_string();
+    // Prepared transactions are listed only on the primary.
+    assert_eq!(
+        simple_value(&c, "select inet_server_port()::text from pg_prepared_xacts right join (select 1) one on true").await,
+        primary
+    );
+    // A hot standby refuses serializable transactions.
+    c.simple_query("set default_transaction_isolation = 'serializable'")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_value(&c, "select inet_server_port()::text").await,
+        primary
+    );
+    c.simple_query("reset default_transaction_isolation")
+        .await
+        .unwrap();
+    assert_ne!(
+        simple_value(&c, "select inet_server_port()::text").await,
+        primary
+    );
+}

@@ -260,7 +260,8 @@ impl Visitor for ReadOnlyGuard<'_> {
     }
 
     /// Set-returning functions in `FROM` are not expressions in the AST;
-    /// plain table names (`args: None`) are not calls.
+    /// plain table names (`args: None`) are not calls, but a few views
+    /// answer only on the primary.
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         match factor {
             TableFactor::Table {
@@ -269,9 +270,32 @@ impl Visitor for ReadOnlyGuard<'_> {
                 ..
             }
             | TableFactor::Function { name, .. } => check(!self.is_write_function(name)),
+            TableFactor::Table {
+                name, args: None, ..
+            } => check(!is_primary_only_view(name)),
             _ => ControlFlow::Continue(()),
         }
     }
+}
+
+/// Views whose rows exist only on the primary: a replica answers them
+/// empty (prepared transactions, replication senders and slots).
+const PRIMARY_ONLY_VIEWS: &[&str] = &[
+    "pg_prepared_xacts",
+    "pg_stat_replication",
+    "pg_replication_slots",
+    "pg_stat_replication_slots",
+];
+
+fn is_primary_only_view(name: &ObjectName) -> bool {
+    name.0
+        .last()
+        .and_then(|part| part.as_ident())
+        .is_some_and(|ident| {
+            PRIMARY_ONLY_VIEWS
+                .iter()
+                .any(|v| ident.value.eq_ignore_ascii_case(v))
+        })
 }
 
 /// Functions that write, take locks, or read or change state that lives

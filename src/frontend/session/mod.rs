@@ -436,17 +436,32 @@ impl Session {
         };
         self.cancel.set_target(None);
         let clean = server.status == TxStatus::Idle && self.pending.is_empty() && !self.unsynced;
-        if clean && self.mode() == PoolMode::Session {
+        if !clean {
+            // Its transaction (and locks) must end now, not when the pool
+            // next looks at it: close it.
+            discard(server.conn);
+            return;
+        }
+        // A pinned client left session state (temp tables, LISTEN, locks).
+        if self.mode() == PoolMode::Session || self.pinned.is_some() {
             let reset = server
                 .conn
                 .execute("DISCARD ALL", self.shared.config.pool.connect_timeout)
                 .await;
             server.conn.prepared.clear();
-            server.conn.clean = reset.is_ok();
-        } else {
-            server.conn.clean = clean;
+            server.conn.applied.clear();
+            if reset.is_err() {
+                discard(server.conn);
+                return;
+            }
         }
+        server.conn.clean = true;
     }
+}
+
+/// Takes a server connection out of its pool and closes it.
+pub(super) fn discard(conn: Checkout) {
+    drop(deadpool::managed::Object::take(conn));
 }
 
 /// A failed write means the connection is gone; the session's next read from
@@ -466,6 +481,14 @@ fn ends_write(intent: &Intent, status: TxStatus) -> bool {
         Intent::Write => status == TxStatus::Idle,
         _ => false,
     }
+}
+
+/// A hot standby refuses serializable transactions: a session whose
+/// default isolation is serializable reads from the primary.
+fn serializable(params: &Params) -> bool {
+    params
+        .get("default_transaction_isolation")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("serializable"))
 }
 
 fn is_rollback(sql: &str) -> bool {

@@ -209,14 +209,18 @@ impl Session {
                 Err(_) => break false,
             }
         };
-        server.conn.clean = server.status == TxStatus::Idle;
         let replay = server.replay.take();
         if caught_up {
             self.prefer_replica = Some(server.conn.node);
         } else {
             self.force_primary = true;
         }
-        drop(server);
+        if server.status == TxStatus::Idle {
+            server.conn.clean = true;
+            drop(server);
+        } else {
+            discard(server.conn);
+        }
         match replay {
             Some(replay) => self.replay(replay).await,
             None => {
@@ -255,7 +259,10 @@ impl Session {
         let replay = server.replay;
         drop(server.conn);
         tracing::warn!(%node, "server connection lost");
-        self.shared.topology.report_unreachable(node);
+        // One dead connection (a terminated backend) says little about the
+        // node: ask the monitor to look now. New connections that fail mark
+        // the node unreachable at once (`attach`).
+        self.shared.topology.request_refresh();
         if let Some(replay) = replay
             && self.waiting.is_none()
         {

@@ -49,7 +49,8 @@ impl Session {
             ),
         };
         let forced = std::mem::take(&mut self.force_primary);
-        if forced || self.consistency.mode == ConsistencyMode::Strong {
+        if forced || self.consistency.mode == ConsistencyMode::Strong || serializable(&self.params)
+        {
             destination = Destination::Primary;
         }
         // A hinted read asked for a replica, whatever its freshness.

@@ -289,3 +289,18 @@ fn cache_is_bounded_and_optional() {
     assert_eq!(uncached.classify("select 1"), Intent::Read);
     assert_eq!(uncached.cache_stats(), CacheStats::default());
 }
+
+#[test]
+fn primary_only_views_go_to_the_primary() {
+    for sql in [
+        "select gid from pg_prepared_xacts",
+        "select count(*) from pg_catalog.pg_stat_replication",
+        "select * from pg_replication_slots",
+    ] {
+        assert_eq!(classify_uncached(sql, &[]), Intent::Write, "{sql}");
+    }
+    assert_eq!(
+        classify_uncached("select * from pg_class", &[]),
+        Intent::Read
+    );
+}
