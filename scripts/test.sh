@@ -9,6 +9,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql-15)
 command -v psql >/dev/null || missing+=(postgresql-client-15)
 command -v pgbench >/dev/null || missing+=(postgresql-client-15)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     sudo=""
@@ -19,6 +20,7 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+scripts/psycopg2-suite.sh    # psycopg2's own test suite, run through tidepool by tests/psycopg2_suite.rs
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast
 else

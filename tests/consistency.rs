@@ -7,7 +7,10 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use common::raw::RawClient;
 use common::{Harness, simple_rows, simple_value};
+use tidepool::protocol::backend;
+use tidepool::protocol::frontend as fe;
 
 #[derive(Default)]
 struct Tally {
@@ -178,4 +181,42 @@ async fn tokens_and_route_explanations() {
         simple_value(&c, "show tidepool.consistency").await,
         "read_your_writes"
     );
+}
+
+/// The token comes before the ReadyForQuery that ends the write, as
+/// PostgreSQL orders ParameterStatus: the client has it when its COMMIT
+/// returns, and nothing arrives while it sits idle afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_arrives_before_ready_for_query() {
+    let h = Harness::start_with("", |c| c.users[0].allow_md5 = true).await;
+    let mut c = RawClient::connect(h.port()).await;
+    for sql in [
+        "create table t (x int)",
+        "begin; insert into t values (1); commit",
+    ] {
+        c.send(&[fe::query(sql)]).await;
+        let mut token = None;
+        loop {
+            let f = c.read().await;
+            if f.tag() == backend::PARAMETER_STATUS {
+                let body = f.body();
+                let mut parts = body.split(|&b| b == 0);
+                if parts.next() == Some(b"tidepool.lsn") {
+                    token = parts
+                        .next()
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                }
+            }
+            if f.tag() == backend::READY_FOR_QUERY {
+                break;
+            }
+        }
+        let token = token.unwrap_or_else(|| panic!("{sql}: no tidepool.lsn before ReadyForQuery"));
+        assert!(token.contains('/'), "{token}");
+        let after = tokio::time::timeout(std::time::Duration::from_millis(300), c.read()).await;
+        assert!(
+            after.is_err(),
+            "{sql}: a message after ReadyForQuery: {after:?}"
+        );
+    }
 }

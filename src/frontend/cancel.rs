@@ -30,11 +30,14 @@ pub struct CancelHandle {
 }
 
 impl CancelRegistry {
-    pub fn register(&self) -> CancelHandle {
+    /// A new key, with `pid` when one is wanted and free (session mode: the
+    /// server backend's own pid), else a random one.
+    pub fn register(&self, pid: Option<i32>) -> CancelHandle {
         let mut rng = rand::thread_rng();
         let mut entries = self.entries.lock().expect("cancel lock");
+        let mut wanted = pid;
         let key = loop {
-            let pid = rng.gen_range(1..i32::MAX);
+            let pid = wanted.take().unwrap_or_else(|| rng.gen_range(1..i32::MAX));
             if !entries.contains_key(&pid) {
                 break BackendKey {
                     pid,

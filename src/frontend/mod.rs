@@ -21,9 +21,9 @@ use self::client::ClientConn;
 use self::error::{ClientError, RouteError};
 use self::handshake::Opened;
 use self::users::{UserEntry, Users};
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::pool::registry::CheckoutError;
-use crate::pool::{PoolKey, Pools};
+use crate::pool::{Checkout, PoolKey, Pools};
 use crate::protocol::backend::{self, TxStatus};
 use crate::route::classify::Classifier;
 use crate::route::policy::{Destination, ReplicaPicker};
@@ -95,20 +95,26 @@ async fn start_session(
         tracing::Span::current().record("db", database.as_str());
         handshake::authenticate(&mut client, &user).await?;
         let wanted = session::startup_params(&startup.params);
-        let params = server_parameters(shared, &user, &database, &wanted).await?;
-        Ok::<_, ClientError>((user, database, params, wanted))
+        let (params, kept) = server_parameters(shared, &user, &database, &wanted).await?;
+        Ok::<_, ClientError>((user, database, params, wanted, kept))
     })
     .await
     .map_err(|_| ClientError::StartupTimeout)
     .and_then(|r| r);
-    let (user, database, params, wanted) = match login {
+    let (user, database, params, wanted, kept) = match login {
         Ok(login) => login,
         Err(e) => return refuse(client, e).await,
     };
     for (name, value) in &params {
         client.send(&backend::parameter_status(name, value)).await?;
     }
-    let cancel = shared.cancels.register();
+    // In session mode the client is one server backend for life: it gets
+    // that backend's pid (NOTIFY and pg_backend_pid() agree), with a secret
+    // of the proxy's.
+    let cancel = shared.cancels.register(kept.as_ref().map(|c| c.key.pid));
+    if let Some(conn) = &kept {
+        cancel.set_target(Some((conn.addr, conn.key)));
+    }
     client.send(&cancel.key.encode()).await?;
     client
         .send(&backend::ready_for_query(TxStatus::Idle))
@@ -123,6 +129,7 @@ async fn start_session(
         cancel,
         params: wanted,
         mode: consistency,
+        attached: kept,
     };
     session::Session::new(shared.clone(), client, setup, shutdown)
         .run()
@@ -143,12 +150,14 @@ async fn refuse(mut client: ClientConn, error: ClientError) -> Result<(), Client
 /// parameters applied so that it sees the values the server reports for them.
 /// Checking a connection out also proves the database exists and the
 /// credentials work on the server.
+/// In session mode the connection is kept for the client's whole session
+/// (when it is the primary's), so that the client can be given its pid.
 async fn server_parameters(
     shared: &Shared,
     user: &UserEntry,
     database: &str,
     wanted: &session::Params,
-) -> Result<Vec<(String, String)>, ClientError> {
+) -> Result<(Vec<(String, String)>, Option<Checkout>), ClientError> {
     let nodes: Vec<_> = {
         let topology = shared.topology.load();
         let mut ids = shared.picker.candidates(&topology, Destination::Primary);
@@ -177,7 +186,14 @@ async fn server_parameters(
                     }
                     conn.applied = wanted.clone();
                 }
-                return Ok(conn.params.clone());
+                let params = conn.params.clone();
+                let keep = shared.config.pool.mode == PoolMode::Session
+                    && shared
+                        .topology
+                        .load()
+                        .primary()
+                        .is_some_and(|p| p.id == node);
+                return Ok((params, keep.then_some(conn)));
             }
             Err(e) => last_error = e.into(),
         }

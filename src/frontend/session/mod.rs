@@ -51,6 +51,8 @@ pub struct SessionSetup {
     /// Its startup parameters, as SQL values.
     pub params: Params,
     pub mode: ConsistencyMode,
+    /// Session mode: the primary connection checked out at startup, kept.
+    pub attached: Option<Checkout>,
 }
 
 /// A server connection serving this client right now.
@@ -128,6 +130,14 @@ pub struct Session {
     unit_copies: bool,
     /// A capture owed once the server is ready again (after a COPY); `true` after a write.
     capture_when_ready: Option<bool>,
+    /// The client's ReadyForQuery after a write, held until the commit LSN
+    /// is known so that its `tidepool.lsn` ParameterStatus comes first, as
+    /// PostgreSQL orders ParameterStatus: a client has the token as soon as
+    /// its COMMIT returns, and nothing arrives while it sits idle (which a
+    /// client waiting for notifications would take for one). The capture was
+    /// pipelined behind the statement, so this costs its execution, not a
+    /// round trip.
+    held_ready: Option<Frame>,
     /// The replica turned out behind this floor: the read in flight is
     /// hidden from the client and redone.
     stale_read: Option<Lsn>,
@@ -154,14 +164,25 @@ impl Session {
             cancel,
             params,
             mode,
+            attached,
         } = setup;
+        let server = attached.map(|mut conn| {
+            conn.clean = false;
+            Attached {
+                conn,
+                role: Role::Primary,
+                status: TxStatus::Idle,
+                replay: None,
+                fatal: None,
+            }
+        });
         Session {
             shared,
             client,
             user,
             database,
             cancel,
-            server: None,
+            server,
             pending: Pending::default(),
             client_status: TxStatus::Idle,
             unsynced: false,
@@ -183,6 +204,7 @@ impl Session {
             unit_writes: false,
             unit_copies: false,
             capture_when_ready: None,
+            held_ready: None,
             stale_read: None,
             force_primary: false,
             prefer_replica: None,

@@ -118,8 +118,16 @@ impl Session {
                 if self.pending.on_reply(backend::READY_FOR_QUERY) {
                     self.answered();
                     self.client_status = status;
-                    self.client.send(&frame).await?;
+                    let learns_commit_lsn = self.pending.head_capture() == Some(Capture::CommitLsn)
+                        || (self.pending.is_empty() && self.capture_when_ready == Some(true));
+                    if learns_commit_lsn {
+                        self.held_ready = Some(frame);
+                    } else {
+                        self.client.send(&frame).await?;
+                    }
                     self.settle_param_changes(status).await?;
+                } else if self.pending.head_capture() != Some(Capture::CommitLsn) {
+                    self.release_held_ready().await?;
                 }
                 self.emit_synthetic().await?;
                 if self.stale_read.is_some() && self.pending.is_empty() {
@@ -186,8 +194,13 @@ impl Session {
         }
         Ok(())
     }
-    /// The replica was behind: give it (or another) until `ryw_wait` runs
-    /// out, a millisecond at a time, then read from the primary.
+    /// Sends the ReadyForQuery held for a commit LSN capture, if any.
+    async fn release_held_ready(&mut self) -> Result<(), ClientError> {
+        match self.held_ready.take() {
+            Some(ready) => Ok(self.client.send(&ready).await?),
+            None => Ok(()),
+        }
+    }
     /// The replica was behind the session's floor. Watch it replay (one
     /// small query a round trip) until it passes the floor or `ryw_wait`
     /// runs out; then redo the read there, or on the primary.
@@ -258,6 +271,13 @@ impl Session {
         });
         let replay = server.replay;
         drop(server.conn);
+        if self.held_ready.is_some() {
+            // The write is done but its commit LSN is unknown: the session's
+            // next reads must not trust a replica, so the next goes to the primary.
+            self.force_primary = true;
+            self.pending.clear();
+            return self.release_held_ready().await;
+        }
         tracing::warn!(%node, "server connection lost");
         // One dead connection (a terminated backend) says little about the
         // node: ask the monitor to look now. New connections that fail mark
