@@ -235,21 +235,49 @@ pub enum CoordinatorLoss {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
+    /// etcd endpoints; empty: the embedded single-instance store.
     pub etcd: Vec<String>,
+    /// Keys live under `/tidepool/<cluster>/`: several clusters may share an etcd.
+    pub cluster: String,
+    /// This proxy's name among the members; default `<hostname>:<listen port>`.
+    pub proxy_id: Option<String>,
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub failover_timeout: Duration,
     pub on_coordinator_loss: CoordinatorLoss,
+    /// A replica further behind the lost primary's last known LSN than this
+    /// is not promoted: failing over to it would lose those bytes of commits.
+    pub max_lag_on_failover: u64,
+    /// Run to fence a primary that cannot be reached over SQL (STONITH);
+    /// `{host}` and `{port}` are replaced. Exit status 0 means fenced.
+    pub fence_command: Option<String>,
+    /// Run for a fenced former primary, to make it a replica of the new one
+    /// (e.g. pg_rewind and a restart); `{host}` `{port}` `{primary_host}`
+    /// `{primary_port}` are replaced.
+    pub rejoin_command: Option<String>,
+    /// Nodes never promoted (addresses as in `[cluster] nodes`).
+    pub nofailover: Vec<String>,
+    /// How long a planned switchover may hold new transactions; stragglers
+    /// still in a transaction after half of it are aborted.
+    #[serde(with = "humantime_serde")]
+    pub switchover_timeout: Duration,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             etcd: Vec::new(),
+            cluster: "tidepool".into(),
+            proxy_id: None,
             lease_ttl: Duration::from_secs(5),
             failover_timeout: Duration::from_secs(3),
             on_coordinator_loss: CoordinatorLoss::RefuseWrites,
+            max_lag_on_failover: 16 * 1024 * 1024,
+            fence_command: None,
+            rejoin_command: None,
+            nofailover: Vec::new(),
+            switchover_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -367,6 +395,32 @@ impl Config {
             return Err(invalid(
                 "cluster.failures_before_down",
                 "must be at least 1",
+            ));
+        }
+        if self.coordinator.cluster.is_empty() || self.coordinator.cluster.contains('/') {
+            return Err(invalid(
+                "coordinator.cluster",
+                "must be a non-empty name without '/'",
+            ));
+        }
+        for node in &self.coordinator.nofailover {
+            if !self.cluster.nodes.contains(node) {
+                return Err(invalid(
+                    "coordinator.nofailover",
+                    format!("{node} is not one of [cluster] nodes"),
+                ));
+            }
+        }
+        if self.coordinator.failover_timeout.is_zero() {
+            return Err(invalid(
+                "coordinator.failover_timeout",
+                "must be more than 0",
+            ));
+        }
+        if self.coordinator.switchover_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "coordinator.switchover_timeout",
+                "must be at least 1s",
             ));
         }
         if self.coordinator.lease_ttl < Duration::from_secs(1) {

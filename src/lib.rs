@@ -10,6 +10,7 @@
 pub mod config;
 pub mod demo;
 pub mod frontend;
+pub mod ha;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,6 +14,7 @@ use tokio_rustls::rustls;
 use crate::config::Config;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{Shared, listener, users};
+use crate::ha::{self, HaHandle, HaSettings};
 use crate::pool::Pools;
 use crate::route::classify::Classifier;
 use crate::route::policy::ReplicaPicker;
@@ -34,6 +36,7 @@ pub enum StartError {
 pub struct Proxy {
     addr: SocketAddr,
     topology: SharedTopology,
+    ha: HaHandle,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -60,6 +63,18 @@ impl Proxy {
             shutdown_rx.clone(),
         )
         .await;
+        let busy = Arc::new(AtomicU64::new(0));
+        let settings = HaSettings::from_config(&config, addr);
+        let store = ha::store_for(&config, &settings);
+        tracing::info!(store = %store.describe(), proxy = %settings.proxy_id, "joining the cluster");
+        let (ha, member) = ha::start(
+            store,
+            settings,
+            topology.clone(),
+            busy.clone(),
+            shutdown_rx.clone(),
+        )
+        .await;
 
         let shared = Arc::new(Shared {
             users: users::build(&config.users),
@@ -72,6 +87,7 @@ impl Proxy {
             picker: ReplicaPicker::default(),
             cancels: CancelRegistry::default(),
             tls,
+            busy,
             config,
         });
         let reaper = {
@@ -92,8 +108,9 @@ impl Proxy {
         Ok(Proxy {
             addr,
             topology,
+            ha,
             shutdown,
-            tasks: vec![listener, monitor, reaper],
+            tasks: vec![listener, monitor, reaper, member],
         })
     }
 
@@ -104,6 +121,10 @@ impl Proxy {
 
     pub fn topology(&self) -> &SharedTopology {
         &self.topology
+    }
+
+    pub fn ha(&self) -> &HaHandle {
+        &self.ha
     }
 
     /// Stops accepting, lets open transactions finish (up to

@@ -265,7 +265,8 @@ async fn a_promoted_replica_becomes_the_primary_with_a_new_epoch() {
         t.primary().is_some_and(|p| p.id == NodeId(0))
     })
     .await;
-    assert_eq!(topology.load().epoch, Epoch(0));
+    // Epoch 1: the controller bootstrapped with the one primary it found.
+    assert_eq!(topology.load().epoch, Epoch(1));
 
     tokio::task::block_in_place(|| s.cluster.kill(0));
     s.psql(1, "select pg_promote()");
@@ -274,8 +275,9 @@ async fn a_promoted_replica_becomes_the_primary_with_a_new_epoch() {
             .is_some_and(|p| p.id == NodeId(1) && p.timeline == Some(2))
     })
     .await;
+    // Adopted as it is, in a new epoch; the old primary is fenced when it returns.
     let t = topology.load_full();
-    assert_eq!(t.epoch, Epoch(1), "{t:#?}");
+    assert_eq!(t.epoch, Epoch(2), "{t:#?}");
     assert!(t.nodes[1].replay_lsn.is_none() && t.nodes[1].current_lsn.is_some());
 
     let client = s.connect().await;
@@ -318,6 +320,6 @@ async fn a_refresh_request_polls_at_once() {
         t.primary().is_some_and(|p| p.id == NodeId(1))
     })
     .await;
-    assert_eq!(topology.load().epoch, Epoch(1));
+    assert_eq!(topology.load().epoch, Epoch(2));
     s.shutdown().await;
 }

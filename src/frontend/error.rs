@@ -44,6 +44,8 @@ impl From<super::client::ClientReadError> for ClientError {
 pub enum RouteError {
     #[error("no primary is available")]
     NoPrimary,
+    #[error("{0}")]
+    WritesRefused(String),
     #[error("no server is available")]
     NoServer,
     #[error("{0}")]
@@ -68,6 +70,7 @@ impl RouteError {
     fn sqlstate(&self) -> &'static str {
         match self {
             RouteError::NoPrimary | RouteError::NoServer => "57P03",
+            RouteError::WritesRefused(_) => "25006",
             RouteError::Checkout(CheckoutError::Exhausted(_)) => "53300",
             RouteError::Checkout(_) | RouteError::ServerLost(_) => "08006",
         }

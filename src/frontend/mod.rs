@@ -39,6 +39,9 @@ pub struct Shared {
     pub picker: ReplicaPicker,
     pub cancels: CancelRegistry,
     pub tls: Option<TlsAcceptor>,
+    /// Units of work running now (a server attached), which a switchover
+    /// waits to drain.
+    pub busy: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Serves one client connection from its first byte to its last.

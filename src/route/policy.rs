@@ -184,6 +184,7 @@ mod tests {
             n.health = Health::Up;
             n.replay_lsn = (i > 0).then_some(Lsn(100 * i as u64));
         }
+        t.epoch_primary = Some(NodeId(0));
         t
     }
 

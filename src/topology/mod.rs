@@ -15,6 +15,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
 pub use lsn::{Lsn, LsnParseError};
+pub use probe::Credentials;
+pub(crate) use probe::open as open_admin;
 
 /// A node's position in `[cluster] nodes`; stable for the process lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -130,11 +132,20 @@ impl Node {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
+    /// The fencing token of the HA controller's last published topology.
     pub epoch: Epoch,
-    /// The primary `epoch` belongs to: the last node seen as the one
-    /// primary, kept while the primary is down or ambiguous, so that its
-    /// return is not mistaken for a new primary.
+    /// The primary of `epoch`, as the HA controller published it: the only
+    /// node writes may go to, whatever other nodes claim (see `ha`).
     pub epoch_primary: Option<NodeId>,
+    /// Former primaries the controller fenced: no traffic until they come
+    /// back as replicas.
+    pub fenced: Vec<NodeId>,
+    /// Why this proxy routes no writes now (it cannot confirm its epoch:
+    /// the coordinator is unreachable and `on_coordinator_loss = refuse_writes`).
+    pub writes_refused: Option<String>,
+    /// A planned switchover holds new transactions at their boundary until
+    /// this instant (or until the pause is lifted, whichever comes first).
+    pub paused_until: Option<std::time::Instant>,
     pub nodes: Vec<Node>,
 }
 
@@ -144,6 +155,9 @@ impl Topology {
         Topology {
             epoch: Epoch::default(),
             epoch_primary: None,
+            fenced: Vec::new(),
+            writes_refused: None,
+            paused_until: None,
             nodes: addrs
                 .iter()
                 .enumerate()
@@ -156,45 +170,43 @@ impl Topology {
         &self.nodes[id.0]
     }
 
-    /// The primary, when exactly one usable node claims the role.
+    pub fn node_by_addr(&self, addr: SocketAddr) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.addr == addr)
+    }
+
+    /// The primary of the current epoch, while it is up and still out of
+    /// recovery. A node that claims the role without the epoch (a promotion
+    /// the controller has not adopted, an old primary back from the dead)
+    /// gets nothing: that is what fencing means at the proxy.
     pub fn primary(&self) -> Option<&Node> {
-        let mut primaries = self
-            .nodes
-            .iter()
-            .filter(|n| n.role == Role::Primary && n.health == Health::Up);
-        let first = primaries.next()?;
-        // Two nodes out of recovery is a split brain: write nowhere rather than to the wrong one.
-        primaries.next().is_none().then_some(first)
+        let node = self.node(self.epoch_primary?);
+        (node.role == Role::Primary && node.health == Health::Up && !self.is_fenced(node.id))
+            .then_some(node)
+    }
+
+    /// Nodes out of recovery, up, other than the epoch's primary.
+    pub fn rogue_primaries(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(move |n| {
+            n.role == Role::Primary && n.health == Health::Up && Some(n.id) != self.epoch_primary
+        })
+    }
+
+    pub fn is_fenced(&self, id: NodeId) -> bool {
+        self.fenced.contains(&id)
     }
 
     /// Replicas that are up, lagging or not.
     pub fn usable_replicas(&self) -> impl Iterator<Item = &Node> {
         self.nodes
             .iter()
-            .filter(|n| n.role == Role::Replica && n.is_usable())
-    }
-
-    /// Keeps the epoch in step with the primary's identity: a change that
-    /// made another node the one primary without advancing the epoch itself
-    /// gets it advanced. The first primary ever seen starts epoch 0.
-    fn follow_primary(&mut self, previous_epoch: Epoch) {
-        let Some(primary) = self.primary().map(|p| p.id) else {
-            return;
-        };
-        if self.epoch_primary == Some(primary) {
-            return;
-        }
-        if self.epoch_primary.is_some() && self.epoch == previous_epoch {
-            self.epoch = self.epoch.next();
-        }
-        self.epoch_primary = Some(primary);
+            .filter(|n| n.role == Role::Replica && n.is_usable() && !self.is_fenced(n.id))
     }
 
     /// Replicas that serve reads and have replayed at least up to `min_lsn`.
     pub fn read_replicas(&self, min_lsn: Option<Lsn>) -> impl Iterator<Item = &Node> {
         self.nodes
             .iter()
-            .filter(move |n| n.serves_reads_at(min_lsn))
+            .filter(move |n| n.serves_reads_at(min_lsn) && !self.is_fenced(n.id))
     }
 }
 
@@ -211,8 +223,7 @@ struct Shared {
 }
 
 impl SharedTopology {
-    pub fn new(mut topology: Topology) -> SharedTopology {
-        topology.follow_primary(topology.epoch);
+    pub fn new(topology: Topology) -> SharedTopology {
         SharedTopology(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(topology),
             version: watch::Sender::new(0),
@@ -230,16 +241,14 @@ impl SharedTopology {
     }
 
     /// Applies `change` to the current snapshot and, if the result differs,
-    /// publishes it (one store) and wakes the waiters. Whoever changes the
-    /// primary, the epoch follows (see `Topology::follow_primary`). `change`
-    /// may run more than once when writers race, so it must only depend on
-    /// its argument. Returns whether anything was published.
+    /// publishes it (one store) and wakes the waiters. `change` may run more
+    /// than once when writers race, so it must only depend on its argument.
+    /// Returns whether anything was published.
     pub fn update(&self, mut change: impl FnMut(&mut Topology)) -> bool {
         let mut changed = false;
         self.0.snapshot.rcu(|current| {
             let mut next = Topology::clone(current);
             change(&mut next);
-            next.follow_primary(current.epoch);
             changed = next != **current;
             if changed {
                 Arc::new(next)
@@ -331,52 +340,30 @@ mod tests {
     }
 
     #[test]
-    fn primary_requires_exactly_one() {
+    fn only_the_epochs_primary_takes_writes() {
         use Health::*;
         use Role::*;
-        let t = topology(&[(Primary, Up), (Replica, Up), (Replica, Down)]);
+        let mut t = topology(&[(Primary, Up), (Replica, Up), (Replica, Down)]);
+        assert!(t.primary().is_none(), "no epoch published yet");
+        t.epoch_primary = Some(NodeId(0));
         assert_eq!(t.primary().unwrap().id, NodeId(0));
         assert_eq!(t.usable_replicas().count(), 1);
-        let split = topology(&[(Primary, Up), (Primary, Up)]);
-        assert!(split.primary().is_none());
-        let down = topology(&[(Primary, Down), (Replica, Up)]);
-        assert!(down.primary().is_none());
-    }
-
-    #[test]
-    fn the_epoch_follows_the_primary_whoever_changes_it() {
-        use Health::*;
-        use Role::*;
-        let shared = SharedTopology::new(topology(&[(Unknown, Down), (Unknown, Down)]));
-        let set = |i: usize, role: Role, health: Health| {
-            shared.update(|t| {
-                t.nodes[i].role = role;
-                t.nodes[i].health = health;
-            })
-        };
-        set(0, Primary, Up);
-        set(1, Replica, Up);
-        let epoch = |s: &SharedTopology| (s.load().epoch, s.load().epoch_primary);
-        assert_eq!(epoch(&shared), (Epoch(0), Some(NodeId(0))));
-        // Down and back: the same primary, the same epoch.
-        shared.report_unreachable(NodeId(0));
-        assert!(shared.load().primary().is_none());
-        set(0, Primary, Up);
-        assert_eq!(epoch(&shared), (Epoch(0), Some(NodeId(0))));
-        // Split brain: no primary, no new epoch yet.
-        set(1, Primary, Up);
-        assert_eq!(epoch(&shared), (Epoch(0), Some(NodeId(0))));
-        // The old one reported down by a session: node1 is the primary now.
-        shared.report_unreachable(NodeId(0));
-        assert_eq!(epoch(&shared), (Epoch(1), Some(NodeId(1))));
-        // A writer that sets the epoch itself (the HA controller) is not bumped again.
-        shared.update(|t| {
-            t.epoch = Epoch(7);
-            t.nodes[0].health = Up;
-            t.nodes[0].role = Primary;
-            t.nodes[1].role = Replica;
-        });
-        assert_eq!(epoch(&shared), (Epoch(7), Some(NodeId(0))));
+        // A second node out of recovery gets nothing: it is a rogue.
+        t.nodes[1].role = Primary;
+        assert_eq!(t.primary().unwrap().id, NodeId(0));
+        assert_eq!(
+            t.rogue_primaries().map(|n| n.id).collect::<Vec<_>>(),
+            [NodeId(1)]
+        );
+        // The epoch's primary down, or in recovery: no primary at all.
+        t.nodes[0].health = Down;
+        assert!(t.primary().is_none());
+        t.nodes[0].health = Up;
+        t.nodes[0].role = Replica;
+        assert!(t.primary().is_none());
+        // Fenced: no reads either.
+        t.fenced = vec![NodeId(0)];
+        assert_eq!(t.usable_replicas().count(), 0);
     }
 
     fn with_replica_at(lsn: u64) -> impl FnMut(&mut Topology) {

@@ -153,7 +153,8 @@ impl Probe {
         if let Connection::None = self.connection {
             let (addr, credentials) = (self.addr, credentials.clone());
             let limit = credentials.connect_timeout;
-            let task = tokio::spawn(tokio::time::timeout(limit, open(addr, credentials)));
+            let connect = async move { open(addr, credentials, "tidepool-monitor").await };
+            let task = tokio::spawn(tokio::time::timeout(limit, connect));
             self.connection = Connection::Connecting(task);
         }
         if let Connection::Connecting(task) = &mut self.connection {
@@ -166,14 +167,19 @@ impl Probe {
     }
 }
 
-async fn open(addr: SocketAddr, credentials: Credentials) -> Result<Client, tokio_postgres::Error> {
+/// An admin connection to `addr`, named `application_name` in pg_stat_activity.
+pub(crate) async fn open(
+    addr: SocketAddr,
+    credentials: Credentials,
+    application_name: &str,
+) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::Config::new()
         .host(addr.ip().to_string())
         .port(addr.port())
         .user(&credentials.user)
         .password(credentials.password.expose())
         .dbname("postgres")
-        .application_name("tidepool-monitor")
+        .application_name(application_name)
         .connect_timeout(credentials.connect_timeout)
         .connect(NoTls)
         .await?;

@@ -68,6 +68,27 @@ struct Attached {
     replay: Option<Replay>,
     /// The server's last words (a FATAL error) before it closes the connection.
     fatal: Option<String>,
+    /// Counts this unit of work among the proxy's running ones, which a
+    /// switchover waits to drain.
+    _busy: Busy,
+}
+
+/// One running unit of work in `Shared::busy`, for as long as it lives.
+struct Busy(Arc<std::sync::atomic::AtomicU64>);
+
+impl Busy {
+    fn new(shared: &Shared) -> Busy {
+        shared
+            .busy
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(shared.busy.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 struct Replay {
@@ -174,6 +195,7 @@ impl Session {
                 status: TxStatus::Idle,
                 replay: None,
                 fatal: None,
+                _busy: Busy::new(&shared),
             }
         });
         Session {

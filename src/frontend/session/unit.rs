@@ -39,6 +39,7 @@ impl Session {
         intent: &Intent,
         hint: Option<crate::route::hint::Hint>,
     ) -> Result<bool, ClientError> {
+        wait_while_paused(self.shared.topology.clone()).await;
         let mut destination = match self.mode() {
             PoolMode::Session => Destination::Primary,
             PoolMode::Transaction => destination(
@@ -130,7 +131,10 @@ impl Session {
                 .collect()
         };
         let mut last_error = match destination {
-            Destination::Primary => RouteError::NoPrimary,
+            Destination::Primary => match &self.shared.topology.load().writes_refused {
+                Some(why) => RouteError::WritesRefused(why.clone()),
+                None => RouteError::NoPrimary,
+            },
             Destination::Replica => RouteError::NoServer,
         };
         for (node, addr, role) in candidates {
@@ -145,6 +149,7 @@ impl Session {
                         status: TxStatus::Idle,
                         replay: None,
                         fatal: None,
+                        _busy: Busy::new(&self.shared),
                     });
                     return Ok(());
                 }
@@ -208,5 +213,24 @@ impl Session {
                 self.shared.pools.handle(&key, addr, &self.user.password)
             })
             .clone()
+    }
+}
+
+/// Holds a new unit of work while a switchover pauses traffic: the client
+/// sees a pause, not an error. The pause carries its own deadline.
+async fn wait_while_paused(topology: crate::topology::SharedTopology) {
+    loop {
+        let changed = topology.changed();
+        let Some(until) = topology.load().paused_until else {
+            return;
+        };
+        let until = tokio::time::Instant::from_std(until);
+        if tokio::time::Instant::now() >= until {
+            return;
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(until) => return,
+        }
     }
 }
