@@ -30,7 +30,9 @@ async fn read_max(c: &tokio_postgres::Client, key: i32, primary: u16, tally: &Ta
         &format!("select coalesce(max(seq), -1)::text || ':' || inet_server_port() from kv where client = {key}"),
     )
     .await;
-    let (max, port) = rows[0].split_once(':').unwrap();
+    let (max, port) = rows[0]
+        .split_once(':')
+        .unwrap_or_else(|| panic!("key {key}: unexpected answer {rows:?}"));
     if port.parse::<u16>().unwrap() == primary {
         tally.primary_reads.fetch_add(1, Ordering::Relaxed);
     } else {

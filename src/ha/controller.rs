@@ -222,6 +222,35 @@ impl Controller {
         });
     }
 
+    /// The replicas' receive and replay positions asked now rather than
+    /// taken from the last poll: the commits acknowledged since then decide
+    /// which replica may be promoted without losing them.
+    async fn freshen(&self, t: &Topology) -> Topology {
+        let mut fresh = t.clone();
+        for n in fresh
+            .nodes
+            .iter_mut()
+            .filter(|n| n.role == Role::Replica && n.health == Health::Up)
+        {
+            let asked = async {
+                let sql =
+                    NodeSql::connect(n.addr, &self.settings.credentials, NODE_TIMEOUT).await?;
+                sql.positions().await
+            };
+            match asked.await {
+                Ok((receive, replay)) => {
+                    n.receive_lsn = receive;
+                    n.replay_lsn = replay;
+                }
+                Err(e) => {
+                    tracing::warn!(addr = %n.addr, error = %e, "replica did not answer before failover");
+                    n.health = Health::Down;
+                }
+            }
+        }
+        fresh
+    }
+
     async fn members(&self) -> Result<Vec<(String, MemberRecord)>, StepError> {
         let prefix = self.settings.keys.members();
         let snapshot = self.store.list(&prefix).await?;
@@ -273,9 +302,12 @@ impl Controller {
                 .iter()
                 .find(|n| n.addr == addr)
                 .ok_or_else(|| format!("{addr} is not a healthy replica that may be promoted"))?,
+            // Received WAL is replayed at promotion, so what a replica has
+            // received is what it will have; with synchronous commit, some
+            // replica has received every acknowledged commit.
             None => eligible
                 .iter()
-                .max_by_key(|n| (n.replay_lsn, n.receive_lsn))
+                .max_by_key(|n| (n.receive_lsn.max(n.replay_lsn), n.replay_lsn))
                 .ok_or("no healthy replica that may be promoted")?,
         };
         let last = old.and_then(|id| t.node(id).current_lsn);
@@ -298,6 +330,7 @@ impl Controller {
         old: Option<NodeId>,
         since: Instant,
     ) -> Result<(), StepError> {
+        let t = &self.freshen(t).await;
         let candidate = match self.candidate(t, old, None) {
             Ok(c) => c,
             Err(why) => {
@@ -339,6 +372,8 @@ impl Controller {
         // 4. The new primary, in a new epoch.
         let mut t_now = Topology::clone(&self.topology.load());
         t_now.fenced = fenced;
+        // For the history: the primary this failover replaces.
+        t_now.epoch_primary = old;
         let detail = format!("primary down for {:?}", since.elapsed());
         self.publish_new_primary(
             &t_now,

@@ -77,6 +77,16 @@ impl NodeSql {
         self.lsn("select pg_last_wal_replay_lsn()").await
     }
 
+    /// A replica's (receive, replay) LSNs.
+    pub async fn positions(&self) -> Result<(Option<Lsn>, Option<Lsn>), NodeError> {
+        let receive = self.value("select pg_last_wal_receive_lsn()").await?;
+        let replay = self.value("select pg_last_wal_replay_lsn()").await?;
+        Ok((
+            receive.and_then(|v| v.parse().ok()),
+            replay.and_then(|v| v.parse().ok()),
+        ))
+    }
+
     pub async fn in_recovery(&self) -> Result<bool, NodeError> {
         Ok(self.value("select pg_is_in_recovery()").await?.as_deref() == Some("t"))
     }
