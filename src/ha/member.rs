@@ -226,10 +226,12 @@ impl Member {
     }
 
     /// Writes are routed only while this proxy can confirm its epoch: its
-    /// lease is valid and it is in sync with the store (the CP choice,
-    /// unless `on_coordinator_loss = continue`).
+    /// lease is valid (the CP choice, unless `on_coordinator_loss =
+    /// continue`). A broken watch alone does not count: it is re-established
+    /// at the next renewal, and the controller does not promote before every
+    /// proxy has applied the new epoch or lost its lease.
     fn judge_reachability(&mut self) {
-        let reachable = self.lease_valid() && self.watch.is_some();
+        let reachable = self.lease_valid();
         let refuse =
             !reachable && self.settings.on_coordinator_loss == CoordinatorLoss::RefuseWrites;
         let reason = refuse.then(|| {

@@ -1,6 +1,7 @@
 //! Integration test support: a real cluster with tidepool in front of it.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod raw;
 
 use std::collections::HashSet;

@@ -95,6 +95,11 @@ impl Session {
     ) -> Result<(), RouteError> {
         let candidates: Vec<(NodeId, std::net::SocketAddr, Role)> = {
             let topology = self.shared.topology.load();
+            if destination == Destination::Primary
+                && let Some(why) = &topology.writes_refused
+            {
+                return Err(RouteError::WritesRefused(why.clone()));
+            }
             let picker = &self.shared.picker;
             let sticky = self.consistency.sticky;
             let monotonic = self.consistency.mode == ConsistencyMode::Monotonic;
@@ -131,10 +136,7 @@ impl Session {
                 .collect()
         };
         let mut last_error = match destination {
-            Destination::Primary => match &self.shared.topology.load().writes_refused {
-                Some(why) => RouteError::WritesRefused(why.clone()),
-                None => RouteError::NoPrimary,
-            },
+            Destination::Primary => RouteError::NoPrimary,
             Destination::Replica => RouteError::NoServer,
         };
         for (node, addr, role) in candidates {

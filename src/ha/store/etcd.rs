@@ -77,8 +77,17 @@ impl EtcdStore {
                 keeper.keep_alive().await?;
                 stream.message().await
             })
-            .await?;
-        Ok(renewed.is_some_and(|r| r.ttl() > 0))
+            .await;
+        match renewed {
+            Ok(r) => Ok(r.is_some_and(|r| r.ttl() > 0)),
+            // etcd forgot the lease (expired while we could not reach it).
+            Err(StoreError::Etcd(etcd_client::Error::LeaseKeepAliveError(e)))
+                if e.contains("not found") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
