@@ -9,6 +9,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql-15)
 command -v psql >/dev/null || missing+=(postgresql-client-15)
 command -v pgbench >/dev/null || missing+=(postgresql-client-15)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v promtool >/dev/null || missing+=(prometheus)   # tests/metrics.rs lints /metrics with promtool
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"

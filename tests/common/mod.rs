@@ -1,6 +1,7 @@
 //! Integration test support: a real cluster with tidepool in front of it.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod raw;
 
 use std::collections::HashSet;
