@@ -3,14 +3,17 @@
 //! The module layout follows the data flow:
 //! `frontend` (listener → startup/auth → session) → `route` (classify → policy)
 //! → `pool` (server connections) → PostgreSQL, with `topology` (who is primary,
-//! who is up) beside it, `proxy` wiring them together, and `demo` bootstrapping
-//! local clusters for the demo, the tests and the benchmarks.
+//! who is up) beside it, `proxy` wiring them together, `metrics` and `admin`
+//! (HTTP: /metrics, /health, /ready, /topology) for operators, and `demo`
+//! bootstrapping local clusters for the demo, the tests and the benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod frontend;
 pub mod ha;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;

@@ -122,6 +122,10 @@ fn print_demo_banner(cluster: &Cluster, proxy: &Proxy) {
         addr.ip(),
         addr.port()
     );
+    println!(
+        "  metrics, health, topology: http://{}/metrics /health /ready /topology\n",
+        proxy.admin_addr()
+    );
     println!("  try: select inet_server_port(), pg_is_in_recovery();   -- reads go to replicas");
     println!(
         "       create table t (x int); insert into t values (1); -- writes go to the primary"

@@ -1,4 +1,5 @@
-//! Wires the parts together: listener, monitor, pools, and their shutdown.
+//! Wires the parts together: listeners (clients, admin HTTP), monitor,
+//! pools, metrics, and their shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,10 +12,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
+use crate::admin;
 use crate::config::Config;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::{Shared, listener, users};
 use crate::ha::{self, HaHandle, HaSettings};
+use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::route::classify::Classifier;
 use crate::route::policy::ReplicaPicker;
@@ -35,6 +38,7 @@ pub enum StartError {
 /// A running proxy. Dropping it does not stop it; call `shutdown`.
 pub struct Proxy {
     addr: SocketAddr,
+    admin_addr: SocketAddr,
     topology: SharedTopology,
     ha: HaHandle,
     shutdown: watch::Sender<bool>,
@@ -53,7 +57,22 @@ impl Proxy {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let admin_addr = config.admin_addr();
+        let admin_listener =
+            TcpListener::bind(admin_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: admin_addr,
+                    source,
+                })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: admin_addr,
+                source,
+            })?;
         let tls = tls_acceptor(&config)?;
+        let metrics = Arc::new(Metrics::new(&config.node_addrs()));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let topology = SharedTopology::new(Topology::unknown(&config.node_addrs()));
@@ -78,7 +97,7 @@ impl Proxy {
 
         let shared = Arc::new(Shared {
             users: users::build(&config.users),
-            pools: Pools::new(config.pool.clone()),
+            pools: Pools::new(config.pool.clone(), metrics.clone()),
             topology: topology.clone(),
             classifier: Classifier::new(
                 config.routing.classify_cache_size,
@@ -88,6 +107,7 @@ impl Proxy {
             cancels: CancelRegistry::default(),
             tls,
             busy,
+            metrics,
             config,
         });
         let reaper = {
@@ -103,20 +123,31 @@ impl Proxy {
                 }
             })
         };
+        let admin = tokio::spawn(admin::serve(
+            admin_listener,
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
         let listener = tokio::spawn(listener::serve(listener, shared, shutdown_rx));
-        tracing::info!(%addr, "tidepool listening");
+        tracing::info!(%addr, %admin_addr, "tidepool listening");
         Ok(Proxy {
             addr,
+            admin_addr,
             topology,
             ha,
             shutdown,
-            tasks: vec![listener, monitor, reaper, member],
+            tasks: vec![listener, admin, monitor, reaper, member],
         })
     }
 
     /// The address clients connect to (the real port when configured with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin HTTP listener's address (the real port when configured with port 0).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     pub fn topology(&self) -> &SharedTopology {

@@ -6,7 +6,13 @@ use cluster::Cluster;
 
 /// A proxy configuration for `cluster`, written as the TOML a user would
 /// write, so that the demo and the tests go through the same contract.
+/// A proxy listening on port 0 gets its admin HTTP listener on port 0 too,
+/// so that proxies started side by side (tests run in parallel) never collide.
 pub fn config_toml(cluster: &Cluster, listen: &str, extra: &str) -> String {
+    let admin = match listen.rsplit_once(':') {
+        Some((host, "0")) => format!("admin = \"{host}:0\"\n"),
+        _ => String::new(),
+    };
     let nodes: Vec<String> = cluster
         .nodes()
         .iter()
@@ -20,7 +26,7 @@ pub fn config_toml(cluster: &Cluster, listen: &str, extra: &str) -> String {
     format!(
         r#"[listen]
 address = "{listen}"
-
+{admin}
 [cluster]
 nodes = [{nodes}]
 admin_user = {admin_user:?}

@@ -3,6 +3,8 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::metrics::ClientErrors;
+use crate::protocol::backend::{self, ErrorFields};
 use crate::protocol::{Frame, ProtocolError, frame};
 
 /// Anything a client can speak over: TCP, or TLS over TCP.
@@ -18,15 +20,18 @@ pub struct ClientConn {
     read_buf: BytesMut,
     write_buf: BytesMut,
     max_message: usize,
+    /// Every message a client is sent passes here, so errors are counted here.
+    errors: ClientErrors,
 }
 
 impl ClientConn {
-    pub fn new(io: Box<dyn ClientIo>, max_message: usize) -> ClientConn {
+    pub fn new(io: Box<dyn ClientIo>, max_message: usize, errors: ClientErrors) -> ClientConn {
         ClientConn {
             io,
             read_buf: BytesMut::with_capacity(8 * 1024),
             write_buf: BytesMut::with_capacity(8 * 1024),
             max_message,
+            errors,
         }
     }
 
@@ -59,6 +64,11 @@ impl ClientConn {
     /// Queues a message; it goes out at the next `flush` (or sooner when the
     /// buffer is large).
     pub async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
+        if frame.tag() == backend::ERROR_RESPONSE
+            && let Ok(fields) = ErrorFields::decode(frame)
+        {
+            self.errors.count(&fields.code);
+        }
         self.send_bytes(frame.raw()).await
     }
 

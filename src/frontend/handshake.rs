@@ -12,6 +12,7 @@ use super::ClientError;
 use super::cancel::CancelRegistry;
 use super::client::{ClientConn, ClientIo};
 use super::users::{UserEntry, Users};
+use crate::metrics::ClientErrors;
 use crate::protocol::backend;
 use crate::protocol::frontend::{PASSWORD, decode_sasl_initial};
 use crate::protocol::startup::{self, StartupMessage, StartupPacket};
@@ -34,6 +35,7 @@ pub async fn open(
     tls: Option<&TlsAcceptor>,
     cancels: &CancelRegistry,
     max_message: usize,
+    errors: ClientErrors,
 ) -> Result<Opened, ClientError> {
     loop {
         let packet = next_packet(&mut tcp).await?;
@@ -43,12 +45,12 @@ pub async fn open(
             loop {
                 let packet = next_packet(&mut io).await?;
                 if let Some(opened) = answer(packet, &mut io, cancels).await? {
-                    return finish(opened, Box::new(io), max_message).await;
+                    return finish(opened, Box::new(io), max_message, errors).await;
                 }
             }
         }
         if let Some(opened) = answer(packet, &mut tcp, cancels).await? {
-            return finish(opened, Box::new(tcp), max_message).await;
+            return finish(opened, Box::new(tcp), max_message, errors).await;
         }
     }
 }
@@ -81,12 +83,13 @@ async fn finish(
     answered: Answered,
     io: Box<dyn ClientIo>,
     max_message: usize,
+    errors: ClientErrors,
 ) -> Result<Opened, ClientError> {
     let startup = match answered {
         Answered::Cancelled => return Ok(Opened::Cancelled),
         Answered::Startup(startup) => startup,
     };
-    let mut client = ClientConn::new(io, max_message);
+    let mut client = ClientConn::new(io, max_message, errors);
     if startup.minor_version > 0 {
         let options: Vec<&str> = startup
             .params

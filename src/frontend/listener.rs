@@ -41,6 +41,7 @@ pub async fn serve(
                         });
                     }
                     Err(_) => {
+                        shared.metrics.client_errors().count("53300");
                         tokio::spawn(reject(tcp));
                     }
                 }

@@ -22,6 +22,7 @@ use self::error::{ClientError, RouteError};
 use self::handshake::Opened;
 use self::users::{UserEntry, Users};
 use crate::config::{Config, PoolMode};
+use crate::metrics::Metrics;
 use crate::pool::registry::CheckoutError;
 use crate::pool::{Checkout, PoolKey, Pools};
 use crate::protocol::backend::{self, TxStatus};
@@ -42,6 +43,7 @@ pub struct Shared {
     /// Units of work running now (a server attached), which a switchover
     /// waits to drain.
     pub busy: Arc<std::sync::atomic::AtomicU64>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Serves one client connection from its first byte to its last.
@@ -57,6 +59,7 @@ pub async fn serve_client(
         user = tracing::field::Empty,
         db = tracing::field::Empty,
     );
+    let _connected = shared.metrics.client_connected();
     async move {
         match start_session(&shared, tcp, shutdown).await {
             Ok(()) | Err(ClientError::Gone) => tracing::debug!("client disconnected"),
@@ -80,6 +83,7 @@ async fn start_session(
             shared.tls.as_ref(),
             &shared.cancels,
             shared.config.listen.max_message_size,
+            shared.metrics.client_errors(),
         ),
     )
     .await

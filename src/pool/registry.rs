@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool::Runtime;
 use deadpool::managed::{Pool, PoolError};
@@ -12,6 +12,7 @@ use super::Checkout;
 use super::manager::ServerManager;
 use super::server::{Login, ServerError};
 use crate::config::{PoolConfig, Secret};
+use crate::metrics::Metrics;
 use crate::topology::NodeId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -40,13 +41,20 @@ pub struct PoolHandle {
     pool: Pool<ServerManager>,
     addr: SocketAddr,
     checkout_timeout: Duration,
+    /// Resolved once per handle: a checkout records without a label lookup.
+    wait_seconds: Option<prometheus::Histogram>,
 }
 
 impl PoolHandle {
     /// A server connection; the pool's own wait, create and recycle timeouts apply.
     pub async fn checkout(&self) -> Result<Checkout, CheckoutError> {
         let addr = self.addr;
-        self.pool.get().await.map_err(|e| match e {
+        let started = Instant::now();
+        let result = self.pool.get().await;
+        if let Some(histogram) = &self.wait_seconds {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+        result.map_err(|e| match e {
             PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
                 CheckoutError::Exhausted(self.checkout_timeout)
             }
@@ -63,13 +71,15 @@ impl PoolHandle {
 pub struct Pools {
     settings: PoolConfig,
     pools: Mutex<HashMap<PoolKey, Pool<ServerManager>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig) -> Pools {
+    pub fn new(settings: PoolConfig, metrics: Arc<Metrics>) -> Pools {
         Pools {
             settings,
             pools: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -110,7 +120,18 @@ impl Pools {
             pool: self.pool(key, addr, password),
             addr,
             checkout_timeout: self.settings.checkout_timeout,
+            wait_seconds: self.metrics.checkout_seconds(key.node),
         }
+    }
+
+    /// Every pool's size and waiters, for a metrics scrape.
+    pub fn statuses(&self) -> Vec<(PoolKey, deadpool::Status)> {
+        self.pools
+            .lock()
+            .expect("pool map lock")
+            .iter()
+            .map(|(key, pool)| (key.clone(), pool.status()))
+            .collect()
     }
 
     pub async fn checkout(

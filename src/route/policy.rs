@@ -39,33 +39,135 @@ impl SessionRoute {
     }
 }
 
+/// Why a unit of work went where it did: the label of `tidepool_units_total`,
+/// so the set is fixed (see `ALL`) and an operator can tell reads that fell
+/// back to the primary from reads that were meant for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteReason {
+    /// Classified read-only (or a `BEGIN READ ONLY` transaction).
+    Read,
+    /// Classified as a write, or not recognized as read-only.
+    Write,
+    /// A `/* tidepool: ... */` comment or `SET tidepool.route = primary`.
+    Hint,
+    /// A read-write transaction: everything in it runs on the primary.
+    Transaction,
+    /// Consistency `strong`, or serializable isolation (refused by standbys).
+    Strong,
+    /// `pool.mode = "session"`: every client lives on the primary.
+    SessionMode,
+    /// A read meant for a replica that ran on the primary.
+    Fallback(Fallback),
+}
+
+/// Why a read meant for a replica ran on the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Replicas are up but over the lag limits.
+    Lag,
+    /// No replica is up (or none accepted a connection).
+    NoReplica,
+    /// No replica replayed the session's floor within `routing.ryw_wait`.
+    RywTimeout,
+    /// The session's last commit LSN is unknown (its server died while
+    /// reporting it): no replica can be trusted for its next read.
+    UnknownLsn,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 4] = [
+        Fallback::Lag,
+        Fallback::NoReplica,
+        Fallback::RywTimeout,
+        Fallback::UnknownLsn,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Lag => "lag",
+            Fallback::NoReplica => "no_replica",
+            Fallback::RywTimeout => "ryw_timeout",
+            Fallback::UnknownLsn => "unknown_lsn",
+        }
+    }
+
+    /// Position in `ALL`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl RouteReason {
+    pub const ALL: [RouteReason; 10] = [
+        RouteReason::Read,
+        RouteReason::Write,
+        RouteReason::Hint,
+        RouteReason::Transaction,
+        RouteReason::Strong,
+        RouteReason::SessionMode,
+        RouteReason::Fallback(Fallback::Lag),
+        RouteReason::Fallback(Fallback::NoReplica),
+        RouteReason::Fallback(Fallback::RywTimeout),
+        RouteReason::Fallback(Fallback::UnknownLsn),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Read => "read",
+            RouteReason::Write => "write",
+            RouteReason::Hint => "hint",
+            RouteReason::Transaction => "transaction",
+            RouteReason::Strong => "strong",
+            RouteReason::SessionMode => "session_mode",
+            RouteReason::Fallback(Fallback::Lag) => "fallback_lag",
+            RouteReason::Fallback(Fallback::NoReplica) => "fallback_no_replica",
+            RouteReason::Fallback(Fallback::RywTimeout) => "fallback_ryw_timeout",
+            RouteReason::Fallback(Fallback::UnknownLsn) => "fallback_unknown_lsn",
+        }
+    }
+
+    /// Position in `ALL`, for tables indexed by reason.
+    pub fn index(self) -> usize {
+        match self {
+            RouteReason::Read => 0,
+            RouteReason::Write => 1,
+            RouteReason::Hint => 2,
+            RouteReason::Transaction => 3,
+            RouteReason::Strong => 4,
+            RouteReason::SessionMode => 5,
+            RouteReason::Fallback(f) => 6 + f.index(),
+        }
+    }
+}
+
 /// The destination of a statement that starts a unit of work (a transaction
-/// or a single statement outside one). `read_only_txn` is set when it runs
-/// inside a transaction opened with BEGIN READ ONLY.
+/// or a single statement outside one), and why. `read_only_txn` is set when
+/// it runs inside a transaction opened with BEGIN (READ ONLY or not).
 pub fn destination(
     intent: &Intent,
     hint: Option<Hint>,
     session: SessionRoute,
     read_only_txn: Option<bool>,
-) -> Destination {
+) -> (Destination, RouteReason) {
     if session == SessionRoute::Primary {
-        return Destination::Primary;
+        return (Destination::Primary, RouteReason::Hint);
     }
     match hint {
-        Some(Hint::Primary) => return Destination::Primary,
-        Some(Hint::Replica) => return Destination::Replica,
+        Some(Hint::Primary) => return (Destination::Primary, RouteReason::Hint),
+        Some(Hint::Replica) => return (Destination::Replica, RouteReason::Hint),
         None => {}
     }
-    let read = match read_only_txn {
+    match read_only_txn {
         // A transaction goes where its BEGIN says, unless it turns itself
         // read-only before any statement.
-        Some(read_only) => read_only || *intent == Intent::SetTransactionReadOnly,
-        None => matches!(intent, Intent::Read | Intent::Begin { read_only: true }),
-    };
-    if read {
-        Destination::Replica
-    } else {
-        Destination::Primary
+        Some(read_only) if read_only || *intent == Intent::SetTransactionReadOnly => {
+            (Destination::Replica, RouteReason::Read)
+        }
+        Some(_) => (Destination::Primary, RouteReason::Transaction),
+        None if matches!(intent, Intent::Read | Intent::Begin { read_only: true }) => {
+            (Destination::Replica, RouteReason::Read)
+        }
+        None => (Destination::Primary, RouteReason::Write),
     }
 }
 
@@ -146,31 +248,77 @@ mod tests {
     #[test]
     fn destinations() {
         use Destination::*;
+        use RouteReason as R;
         let auto = SessionRoute::Auto;
-        assert_eq!(destination(&Intent::Read, None, auto, None), Replica);
-        assert_eq!(destination(&Intent::Write, None, auto, None), Primary);
-        assert_eq!(
-            destination(&Intent::Read, Some(Hint::Primary), auto, None),
-            Primary
-        );
-        assert_eq!(
-            destination(&Intent::Write, Some(Hint::Replica), auto, None),
-            Replica
-        );
-        assert_eq!(
-            destination(&Intent::Read, None, SessionRoute::Primary, None),
-            Primary
-        );
-        assert_eq!(destination(&Intent::Read, None, auto, Some(false)), Primary);
-        assert_eq!(destination(&Intent::Write, None, auto, Some(true)), Replica);
-        assert_eq!(
-            destination(&Intent::SetTransactionReadOnly, None, auto, Some(false)),
-            Replica
-        );
-        assert_eq!(
-            destination(&Intent::Begin { read_only: true }, None, auto, None),
-            Replica
-        );
+        let cases = [
+            (Intent::Read, None, auto, None, (Replica, R::Read)),
+            (Intent::Write, None, auto, None, (Primary, R::Write)),
+            (
+                Intent::Read,
+                Some(Hint::Primary),
+                auto,
+                None,
+                (Primary, R::Hint),
+            ),
+            (
+                Intent::Write,
+                Some(Hint::Replica),
+                auto,
+                None,
+                (Replica, R::Hint),
+            ),
+            (
+                Intent::Read,
+                None,
+                SessionRoute::Primary,
+                None,
+                (Primary, R::Hint),
+            ),
+            (
+                Intent::Read,
+                None,
+                auto,
+                Some(false),
+                (Primary, R::Transaction),
+            ),
+            (Intent::Write, None, auto, Some(true), (Replica, R::Read)),
+            (
+                Intent::SetTransactionReadOnly,
+                None,
+                auto,
+                Some(false),
+                (Replica, R::Read),
+            ),
+            (
+                Intent::Begin { read_only: true },
+                None,
+                auto,
+                None,
+                (Replica, R::Read),
+            ),
+        ];
+        for (intent, hint, session, txn, expected) in cases {
+            assert_eq!(
+                destination(&intent, hint, session, txn),
+                expected,
+                "{intent:?} {hint:?} {session:?} {txn:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reason_table_matches_indexes() {
+        for (i, reason) in RouteReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
+        for (i, fallback) in Fallback::ALL.iter().enumerate() {
+            assert_eq!(fallback.index(), i);
+            assert!(
+                RouteReason::Fallback(*fallback)
+                    .as_str()
+                    .ends_with(fallback.as_str())
+            );
+        }
     }
 
     /// A primary and `n - 1` replicas, all up; replica i has replayed up to 100 * i.

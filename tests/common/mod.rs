@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod http;
 pub mod raw;
 
 use std::collections::HashSet;

@@ -169,6 +169,7 @@ impl Session {
                 "client pinned to its server connection"
             );
             self.pinned = Some(reason);
+            self.shared.metrics.pinned(reason);
         }
     }
     /// Makes sure the attached server holds `statement`. `client_name` is set
@@ -182,6 +183,7 @@ impl Session {
         let visible = client_name.is_some();
         let server = self.server.as_mut().expect("attached");
         if server.conn.prepared.get(&statement.global).is_some() {
+            self.shared.metrics.prepared_hit();
             if visible {
                 self.pending.push_synthetic(backend::parse_complete());
             }
@@ -190,10 +192,12 @@ impl Session {
         if server.conn.prepared.len() == server.conn.prepared.cap().get()
             && let Some((evicted, ())) = server.conn.prepared.pop_lru()
         {
+            self.shared.metrics.prepared_evicted();
             let close = Named::encode(fe::CLOSE, Target::Statement, &evicted);
             send_quietly(server, &close).await;
             self.pending.push(Kind::Close, false);
         }
+        self.shared.metrics.prepared_miss();
         send_quietly(server, &statement.parse).await;
         server.conn.prepared.put(statement.global.clone(), ());
         self.pending.push_parse(

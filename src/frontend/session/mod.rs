@@ -16,7 +16,7 @@ mod state;
 mod statements;
 mod unit;
 
-pub use state::{Params, startup_params, sync_sql};
+pub use state::{Params, PinReason, startup_params, sync_sql};
 
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use self::consistency::Consistency;
 use self::pending::{Capture, Kind, ParseUndo, Pending};
-use self::state::{ParamChange, PinReason};
+use self::state::ParamChange;
 use self::statements::{Statement, Statements};
 use super::Shared;
 use super::cancel::CancelHandle;
@@ -40,7 +40,7 @@ use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
 use crate::protocol::{Frame, frame};
 use crate::route::classify::{Intent, ProxyCommand};
 use crate::route::hint::leading_hint;
-use crate::route::policy::{Destination, SessionRoute, destination};
+use crate::route::policy::{Destination, Fallback, RouteReason, SessionRoute, destination};
 use crate::topology::{Lsn, NodeId, Role};
 
 /// Who the client is and what it asked for at startup.
@@ -163,9 +163,11 @@ pub struct Session {
     /// hidden from the client and redone.
     stale_read: Option<Lsn>,
     /// The next unit of work goes to the primary whatever it is...
-    force_primary: bool,
+    force_primary: Option<Fallback>,
     /// ...or first to this replica, which has just been seen past the floor.
     prefer_replica: Option<NodeId>,
+    /// When the unit of work on the attached server was routed.
+    unit_started: Option<std::time::Instant>,
     /// Pool handles by node, filled on first use.
     pools: Vec<Option<crate::pool::registry::PoolHandle>>,
     shutdown: watch::Receiver<bool>,
@@ -228,8 +230,9 @@ impl Session {
             capture_when_ready: None,
             held_ready: None,
             stale_read: None,
-            force_primary: false,
+            force_primary: None,
             prefer_replica: None,
+            unit_started: None,
             pools: Vec::new(),
             shutdown,
             draining: false,
@@ -469,6 +472,11 @@ impl Session {
             self.cancel.set_target(None);
             if let Some(mut server) = self.server.take() {
                 server.conn.clean = true;
+                if let Some(started) = self.unit_started.take() {
+                    self.shared
+                        .metrics
+                        .unit_done(server.role, started.elapsed());
+                }
             }
         }
     }

@@ -210,7 +210,8 @@ impl Session {
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
-        let deadline = std::time::Instant::now() + self.shared.config.routing.ryw_wait;
+        let started = std::time::Instant::now();
+        let deadline = started + self.shared.config.routing.ryw_wait;
         let caught_up = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
@@ -222,11 +223,12 @@ impl Session {
                 Err(_) => break false,
             }
         };
+        self.shared.metrics.ryw_waited(started.elapsed());
         let replay = server.replay.take();
         if caught_up {
             self.prefer_replica = Some(server.conn.node);
         } else {
-            self.force_primary = true;
+            self.force_primary = Some(Fallback::RywTimeout);
         }
         if server.status == TxStatus::Idle {
             server.conn.clean = true;
@@ -274,7 +276,7 @@ impl Session {
         if self.held_ready.is_some() {
             // The write is done but its commit LSN is unknown: the session's
             // next reads must not trust a replica, so the next goes to the primary.
-            self.force_primary = true;
+            self.force_primary = Some(Fallback::UnknownLsn);
             self.pending.clear();
             return self.release_held_ready().await;
         }

@@ -47,6 +47,22 @@ pub enum PinReason {
 }
 
 impl PinReason {
+    pub const ALL: [PinReason; 8] = [
+        PinReason::Listen,
+        PinReason::AdvisoryLock,
+        PinReason::TempObject,
+        PinReason::HoldCursor,
+        PinReason::SessionAuthorization,
+        PinReason::Load,
+        PinReason::SqlPrepare,
+        PinReason::UntrackedSet,
+    ];
+
+    /// Position in `ALL`, for tables indexed by reason.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PinReason::Listen => "listen",
@@ -479,6 +495,13 @@ mod tests {
         assert_eq!(pin_reason("prepare transaction 'x'"), None);
         assert_eq!(pin_reason("load 'auto_explain'"), Some(PinReason::Load));
         assert_eq!(pin_reason("/* hi */ listen x"), Some(PinReason::Listen));
+    }
+
+    #[test]
+    fn pin_reason_table_matches_indexes() {
+        for (i, reason) in PinReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
     }
 
     #[test]

@@ -40,8 +40,8 @@ impl Session {
         hint: Option<crate::route::hint::Hint>,
     ) -> Result<bool, ClientError> {
         wait_while_paused(self.shared.topology.clone()).await;
-        let mut destination = match self.mode() {
-            PoolMode::Session => Destination::Primary,
+        let (mut destination, mut reason) = match self.mode() {
+            PoolMode::Session => (Destination::Primary, RouteReason::SessionMode),
             PoolMode::Transaction => destination(
                 intent,
                 hint,
@@ -49,10 +49,14 @@ impl Session {
                 self.held_begin.as_ref().map(|h| h.read_only),
             ),
         };
-        let forced = std::mem::take(&mut self.force_primary);
-        if forced || self.consistency.mode == ConsistencyMode::Strong || serializable(&self.params)
-        {
-            destination = Destination::Primary;
+        let forced = self.force_primary.take();
+        if destination == Destination::Replica {
+            if let Some(fallback) = forced {
+                (destination, reason) = (Destination::Primary, RouteReason::Fallback(fallback));
+            } else if self.consistency.mode == ConsistencyMode::Strong || serializable(&self.params)
+            {
+                (destination, reason) = (Destination::Primary, RouteReason::Strong);
+            }
         }
         // A hinted read asked for a replica, whatever its freshness.
         let floor = (destination == Destination::Replica && hint.is_none())
@@ -66,6 +70,7 @@ impl Session {
             }
             return Ok(false);
         }
+        self.count_unit(destination, reason);
         self.sync_params().await?;
         self.probe_if_unconfirmed(floor).await?;
         let held = self.held_begin.take();
@@ -83,6 +88,31 @@ impl Session {
             });
         }
         Ok(true)
+    }
+    /// Counts the unit just attached and starts its clock. A read meant for
+    /// a replica that landed on the primary is a fallback, whatever the reason
+    /// it was a read.
+    fn count_unit(&mut self, destination: Destination, mut reason: RouteReason) {
+        let Some(server) = &self.server else {
+            return;
+        };
+        if destination == Destination::Replica && server.role == Role::Primary {
+            let lagging = self
+                .shared
+                .topology
+                .load()
+                .usable_replicas()
+                .any(|n| n.lagging);
+            reason = RouteReason::Fallback(if lagging {
+                Fallback::Lag
+            } else {
+                Fallback::NoReplica
+            });
+        }
+        self.shared
+            .metrics
+            .unit_routed(server.conn.node, server.role, reason);
+        self.unit_started = Some(std::time::Instant::now());
     }
     /// Attaches a server for `destination`. For reads with a `floor`, the
     /// replicas the topology already shows at or past it come first; when
