@@ -321,11 +321,15 @@ async fn reads_that_fall_back_to_the_primary_say_why() {
             .unwrap();
         h.cluster.psql(replica, "select pg_reload_conf()").unwrap();
     }
-    c.batch_execute("insert into t values (1)").await.unwrap();
-    assert_eq!(
-        served_by(&c, "select inet_server_port() from t").await,
-        h.primary_port()
-    );
+    // The standbys take the new delay a moment after the reload.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        c.batch_execute("insert into t values (1)").await.unwrap();
+        if served_by(&c, "select inet_server_port() from t").await == h.primary_port() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reads never fell back");
+    }
     let text = scrape(&h).await;
     assert!(
         sample(&text, "tidepool_ryw_waits_total", &[]) >= 1.0,
@@ -351,6 +355,22 @@ async fn reads_that_fall_back_to_the_primary_say_why() {
         ) >= 1.0,
         "{text}"
     );
+
+    // The replica connection whose wait was cut short by the deadline did
+    // not go back to the pool with that answer still on its way: other
+    // clients get their own rows.
+    let other = h.connect().await;
+    other
+        .batch_execute("set tidepool.consistency = eventual")
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let answer = simple_value(&other, "select inet_server_port()").await;
+        let port: u16 = answer
+            .parse()
+            .unwrap_or_else(|_| panic!("another query's answer: {answer}"));
+        assert!(h.replica_ports().contains(&port));
+    }
 
     // No replica at all.
     h.cluster.kill(1);

@@ -212,6 +212,10 @@ impl Session {
         };
         let started = std::time::Instant::now();
         let deadline = started + self.shared.config.routing.ryw_wait;
+        // A question cut short by the deadline leaves its answer on the way:
+        // such a connection must not go back to the pool, where the next
+        // client would read that answer as its own.
+        let mut answered = true;
         let caught_up = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
@@ -220,7 +224,10 @@ impl Session {
             match server.conn.replay_lsn(left).await {
                 Ok(Some(lsn)) if lsn >= floor => break true,
                 Ok(_) => tokio::task::yield_now().await,
-                Err(_) => break false,
+                Err(_) => {
+                    answered = false;
+                    break false;
+                }
             }
         };
         self.shared.metrics.ryw_waited(started.elapsed());
@@ -230,7 +237,7 @@ impl Session {
         } else {
             self.force_primary = Some(Fallback::RywTimeout);
         }
-        if server.status == TxStatus::Idle {
+        if server.status == TxStatus::Idle && answered {
             server.conn.clean = true;
             drop(server);
         } else {
