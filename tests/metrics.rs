@@ -173,7 +173,7 @@ async fn counters_move_with_real_traffic() {
         sample(&text, "tidepool_node_timeline", &[("node", &primary)]),
         1.0
     );
-    assert!(text.contains("\ntidepool_topology_epoch 0\n"), "{text}");
+    assert!(text.contains("\ntidepool_topology_epoch 1\n"), "{text}");
 
     drop(listener);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -243,7 +243,8 @@ async fn health_ready_and_topology_match_the_cluster() {
         topology.body
     );
     let body = topology.json();
-    assert_eq!(body["epoch"], 0);
+    // Epoch 1: the HA controller bootstrapped with the one primary.
+    assert_eq!(body["epoch"], 1);
     assert_eq!(body["primary"], node(h.primary_port()));
     let nodes = body["nodes"].as_array().expect("nodes");
     assert_eq!(nodes.len(), 3);
