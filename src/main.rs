@@ -1,4 +1,4 @@
-//! The tidepool command line: `run`, `demo`, `check-config`.
+//! The tidepool command line: `run`, `demo`, `check-config`, `ctl`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +46,43 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// Talk to a running tidepool through its admin HTTP listener.
+    Ctl {
+        /// The admin listener (`[listen] admin`).
+        #[arg(long, default_value = "127.0.0.1:9930", global = true)]
+        admin: String,
+        /// The `[admin] token`, for operations that change the cluster.
+        #[arg(
+            long,
+            env = "TIDEPOOL_ADMIN_TOKEN",
+            global = true,
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Nodes, roles, lag, epoch and the HA leader.
+    Status {
+        /// The raw JSON of `GET /topology`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A planned switchover: clients see a pause, not an error.
+    Switchover {
+        /// The replica to promote (address as in `[cluster] nodes`);
+        /// default: the most advanced eligible one.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Hold new transactions at every proxy (until resume or switchover_timeout).
+    Pause,
+    /// Let transactions flow again.
+    Resume,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +95,11 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => Config::load(&file)
             .map(|_| println!("{}: ok", file.display()))
             .map_err(|e| format!("{}: {e}", file.display())),
+        Command::Ctl {
+            admin,
+            token,
+            command,
+        } => runtime.block_on(ctl(&admin, token.as_deref(), command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,4 +185,87 @@ async fn wait_for_stop_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+async fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> Result<(), String> {
+    use std::time::Duration;
+    use tidepool::admin::client::request;
+    let (method, path, limit) = match &command {
+        CtlCommand::Status { .. } => ("GET", "/topology".to_owned(), Duration::from_secs(5)),
+        CtlCommand::Switchover { to } => {
+            let query = to.as_ref().map(|t| format!("?to={t}")).unwrap_or_default();
+            (
+                "POST",
+                format!("/switchover{query}"),
+                Duration::from_secs(120),
+            )
+        }
+        CtlCommand::Pause => ("POST", "/pause".to_owned(), Duration::from_secs(10)),
+        CtlCommand::Resume => ("POST", "/resume".to_owned(), Duration::from_secs(10)),
+    };
+    let answer = request(admin, method, &path, token, limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    if answer.status != 200 {
+        return Err(format!(
+            "{method} {path}: HTTP {}: {}",
+            answer.status,
+            answer.body.trim()
+        ));
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&answer.body).map_err(|e| format!("{path}: {e}"))?;
+    match command {
+        CtlCommand::Status { json: false } => print!("{}", status_table(&json)),
+        _ => println!(
+            "{}",
+            serde_json::to_string_pretty(&json).expect("valid JSON")
+        ),
+    }
+    Ok(())
+}
+
+/// `GET /topology` as a table an operator reads at a glance.
+fn status_table(t: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = format!(
+        "epoch {}  primary {}  leader {}{}{}\n",
+        text(&t["epoch"]),
+        text(&t["primary"]),
+        text(&t["leader"]),
+        if t["paused"] == true { "  PAUSED" } else { "" },
+        match &t["writes_refused"] {
+            serde_json::Value::String(why) => format!("\nwrites refused: {why}"),
+            _ => String::new(),
+        },
+    );
+    out.push_str(&format!(
+        "{:<22} {:<8} {:<6} {:<7} {:>14} {:>12} {:>10} {:>9}\n",
+        "node", "role", "health", "fenced", "lsn", "lag bytes", "lag s", "timeline"
+    ));
+    for n in t["nodes"].as_array().into_iter().flatten() {
+        let lsn = if n["current_lsn"].is_null() {
+            &n["replay_lsn"]
+        } else {
+            &n["current_lsn"]
+        };
+        out.push_str(&format!(
+            "{:<22} {:<8} {:<6} {:<7} {:>14} {:>12} {:>10} {:>9}\n",
+            text(&n["address"]),
+            text(&n["role"]),
+            text(&n["health"]),
+            if n["fenced"] == true { "yes" } else { "no" },
+            text(lsn),
+            text(&n["lag_bytes"]),
+            n["lag_seconds"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.3}")),
+            text(&n["timeline"]),
+        ));
+    }
+    out
 }

@@ -108,6 +108,7 @@ impl Proxy {
             tls,
             busy,
             metrics,
+            ha: ha.clone(),
             config,
         });
         let reaper = {

@@ -235,3 +235,51 @@ async fn switchover_under_pgbench_fails_no_transaction() {
     let port = simple_value(&c, "/* tidepool: primary */ select inet_server_port()").await;
     assert_eq!(port, h.cluster.nodes()[new.unwrap().0].port.to_string());
 }
+
+/// `tidepool ctl` against the admin HTTP listener: status, and a switchover
+/// that needs the token.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_status_and_switchover_through_the_admin_api() {
+    let h = Harness::start(&format!("{FAST}\n[admin]\ntoken = \"s3cret\"\n")).await;
+    let admin = h.proxy().admin_addr().to_string();
+    let ctl = move |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(["ctl", "--admin", &admin])
+            .args(args)
+            .env_remove("TIDEPOOL_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let primary = h.cluster.nodes()[0].addr().to_string();
+    let status = tokio::task::block_in_place(|| ctl(&["status"]));
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{status:?}");
+    assert!(table.contains(&format!("primary {primary}")), "{table}");
+    assert!(
+        table.lines().filter(|l| l.contains(" replica ")).count() == 2,
+        "{table}"
+    );
+
+    let refused = tokio::task::block_in_place(|| ctl(&["switchover"]));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("HTTP 401"),
+        "{refused:?}"
+    );
+
+    let to = h.cluster.nodes()[2].addr().to_string();
+    let done =
+        tokio::task::block_in_place(|| ctl(&["--token", "s3cret", "switchover", "--to", &to]));
+    assert!(done.status.success(), "{done:?}");
+    assert!(String::from_utf8_lossy(&done.stdout).contains("\"switchover\""));
+    let status = tokio::task::block_in_place(|| ctl(&["status", "--json"]));
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["primary"], to.as_str());
+    let old = json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"] == primary.as_str())
+        .unwrap();
+    assert_eq!(old["fenced"], true);
+}

@@ -4,19 +4,20 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Secret;
 use crate::frontend::Shared;
+use crate::ha::HaStatus;
 use crate::metrics::{self, ScrapeView};
 use crate::topology::{Health, Node, Role, Topology};
 
@@ -49,11 +50,51 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Endpoints that change the proxy (the HA controller's POST /switchover,
-/// /pause, /resume, /reload belong here). Every route added here is behind
-/// the bearer token by `guarded`.
+/// Endpoints that change the cluster. Every route here is behind the
+/// bearer token by `guarded`.
 fn mutating() -> Router<Arc<Shared>> {
     Router::new()
+        .route("/switchover", post(switchover))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
+}
+
+#[derive(Deserialize)]
+struct SwitchoverParams {
+    /// The replica to promote (its address as in `[cluster] nodes`); the
+    /// most advanced eligible replica when absent.
+    to: Option<String>,
+}
+
+/// Runs a planned switchover through the controller, wherever it runs, and
+/// answers with its history entry once the new primary is published.
+async fn switchover(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Query<SwitchoverParams>,
+) -> Response {
+    let to = match params.to.as_deref().map(str::parse::<std::net::SocketAddr>) {
+        None => None,
+        Some(Ok(addr)) => Some(addr),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &format!("to: {e}")),
+    };
+    match shared.ha.switchover(to).await {
+        Ok(entry) => Json(entry).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
+}
+
+async fn pause(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.ha.pause().await {
+        Ok(()) => Json(json!({ "paused": true })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn resume(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.ha.resume().await {
+        Ok(()) => Json(json!({ "paused": false })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 /// Puts every route of `routes` behind `Authorization: Bearer <token>`.
@@ -155,14 +196,25 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn topology(State(shared): State<Arc<Shared>>) -> Json<TopologyView> {
-    Json(TopologyView::new(&shared.topology.load()))
+    Json(TopologyView::new(
+        &shared.topology.load(),
+        shared.ha.status(),
+    ))
 }
 
 #[derive(Serialize)]
 struct TopologyView {
     epoch: u64,
-    /// The primary's address, when exactly one node is an up primary.
+    /// The epoch's primary, while it is up and out of recovery.
     primary: Option<String>,
+    /// The proxy id running the HA controller.
+    leader: Option<String>,
+    /// Whether this proxy runs it.
+    is_leader: bool,
+    coordinator_reachable: bool,
+    /// Why writes are refused, when they are.
+    writes_refused: Option<String>,
+    paused: bool,
     nodes: Vec<NodeView>,
 }
 
@@ -179,20 +231,33 @@ struct NodeView {
     lag_bytes: Option<u64>,
     lag_seconds: Option<f64>,
     lagging: bool,
+    /// A former primary: no traffic until it is a replica again.
+    fenced: bool,
 }
 
 impl TopologyView {
-    fn new(topology: &Topology) -> TopologyView {
+    fn new(topology: &Topology, ha: HaStatus) -> TopologyView {
         TopologyView {
             epoch: topology.epoch.0,
             primary: topology.primary().map(|p| p.addr.to_string()),
-            nodes: topology.nodes.iter().map(NodeView::new).collect(),
+            leader: ha.leader,
+            is_leader: ha.is_leader,
+            coordinator_reachable: ha.coordinator_reachable,
+            writes_refused: topology.writes_refused.clone(),
+            paused: topology
+                .paused_until
+                .is_some_and(|u| std::time::Instant::now() < u),
+            nodes: topology
+                .nodes
+                .iter()
+                .map(|n| NodeView::new(n, topology.is_fenced(n.id)))
+                .collect(),
         }
     }
 }
 
 impl NodeView {
-    fn new(node: &Node) -> NodeView {
+    fn new(node: &Node, fenced: bool) -> NodeView {
         let text = |lsn: Option<crate::topology::Lsn>| lsn.map(|l| l.to_string());
         NodeView {
             address: node.addr.to_string(),
@@ -208,6 +273,7 @@ impl NodeView {
             lag_bytes: node.lag_bytes,
             lag_seconds: node.lag.map(|d| d.as_secs_f64()),
             lagging: node.lagging,
+            fenced,
         }
     }
 }

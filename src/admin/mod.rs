@@ -1,5 +1,7 @@
 //! What operators talk to: the HTTP listener (`listen.admin`) with metrics,
-//! health, readiness and the topology.
+//! health, readiness, the topology and the HA operations; and the client
+//! side of it that `tidepool ctl` uses.
+pub mod client;
 pub mod http;
 
 pub use http::{router, serve};

@@ -44,6 +44,7 @@ pub struct Shared {
     /// waits to drain.
     pub busy: Arc<std::sync::atomic::AtomicU64>,
     pub metrics: Arc<Metrics>,
+    pub ha: crate::ha::HaHandle,
 }
 
 /// Serves one client connection from its first byte to its last.

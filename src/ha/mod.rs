@@ -288,6 +288,21 @@ impl HaHandle {
         }
     }
 
+    /// Holds new transactions at every proxy (PgBouncer's PAUSE), until
+    /// `resume` or `switchover_timeout`, whichever comes first.
+    pub async fn pause(&self) -> Result<(), HaError> {
+        let until_ms = unix_ms() + self.settings.switchover_timeout.as_millis() as u64;
+        let json = serde_json::to_string(&PauseRecord { until_ms }).expect("serializable");
+        Ok(self
+            .store
+            .put(&self.settings.keys.pause(), &json, None)
+            .await?)
+    }
+
+    pub async fn resume(&self) -> Result<(), HaError> {
+        Ok(self.store.delete(&self.settings.keys.pause()).await?)
+    }
+
     /// Every event recorded so far, oldest first.
     pub async fn history(&self) -> Result<Vec<HistoryEntry>, HaError> {
         let snapshot = self.store.list(&self.settings.keys.histories()).await?;
