@@ -205,3 +205,60 @@ async fn two_proxies_one_controller_and_no_writes_without_etcd() {
     println!("writes resumed {resumed:?} after etcd restarted");
     p2.shutdown().await;
 }
+
+/// One proxy cut off from the primary (its monitor's role is rejected by
+/// the primary's pg_hba.conf) votes it down, alone: no failover. When the
+/// primary really dies, both vote, and the controller fails over.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_proxy_cut_off_from_the_primary_cannot_fail_it_over() {
+    let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+    let mut h = Harness::start(&extra(&etcd.endpoint(), "p1")).await;
+    let cluster = &h.cluster;
+    cluster
+        .psql(0, "create role monitor2 superuser login password 'm2'")
+        .unwrap();
+    let hba = cluster.psql(0, "show hba_file").unwrap();
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all monitor2 127.0.0.1/32 reject\n{rules}"),
+    )
+    .unwrap();
+    cluster.psql(0, "select pg_reload_conf()").unwrap();
+    h.caught_up().await;
+
+    let mut config = demo::config(&h.cluster, "127.0.0.1:0", &extra(&etcd.endpoint(), "p2"));
+    config.cluster.admin_user = "monitor2".into();
+    config.cluster.admin_password = tidepool::config::Secret::new("m2");
+    let p2 = Proxy::start(config).await.expect("the second proxy starts");
+    let epoch = h.proxy().topology().load().epoch;
+    wait_for(
+        Duration::from_secs(5),
+        "p2 sees the primary down",
+        async || p2.topology().load().nodes[0].health == tidepool::topology::Health::Down,
+    )
+    .await;
+    // Three failover timeouts: p1 still sees the primary, so no majority.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = h.proxy().topology().load_full();
+    assert_eq!(t.epoch, epoch, "no failover on one proxy's word");
+    assert_eq!(t.primary().map(|p| p.id.0), Some(0));
+    h.connect()
+        .await
+        .batch_execute("create table still_here (x int)")
+        .await
+        .unwrap();
+
+    // The primary dies for real: both proxies vote, the controller acts.
+    tokio::task::block_in_place(|| h.cluster.kill(0));
+    let took = wait_for(Duration::from_secs(10), "a failover", async || {
+        let t = h.proxy().topology().load();
+        t.epoch > epoch && t.primary().is_some_and(|p| p.id.0 != 0)
+    })
+    .await;
+    println!("failover {took:?} after the kill, voted by both proxies");
+    p2.shutdown().await;
+    if let Some(p1) = h.proxy.take() {
+        p1.shutdown().await;
+    }
+}
