@@ -262,3 +262,57 @@ async fn one_proxy_cut_off_from_the_primary_cannot_fail_it_over() {
         p1.shutdown().await;
     }
 }
+
+/// The leader proxy is a separate `tidepool run` process, killed with
+/// SIGKILL: no lease revoked, no goodbye. The other proxy takes the lead
+/// once the lease expires, within a TTL (+ its renewal period).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_other_proxy_leads_within_a_ttl_after_the_leader_is_killed() {
+    let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+    let mut h = Harness::start(&extra(&etcd.endpoint(), "p1")).await;
+    // The harness's own proxy only sets the cluster up: p0 must lead.
+    h.proxy.take().unwrap().shutdown().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p0.toml");
+    let toml = demo::config_toml(&h.cluster, "127.0.0.1:0", &extra(&etcd.endpoint(), "p0"));
+    std::fs::write(&file, toml).unwrap();
+    let mut p0 = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = EtcdStore::new(vec![etcd.endpoint()], Duration::from_secs(2));
+    let store = Store::Etcd(store);
+    wait_for(Duration::from_secs(15), "p0 leads", async || {
+        let leader = store.get("/tidepool/tidepool/leader").await.ok().flatten();
+        leader.is_some_and(|l| l.value == "p0")
+    })
+    .await;
+    let config = demo::config(&h.cluster, "127.0.0.1:0", &extra(&etcd.endpoint(), "p2"));
+    let p2 = Proxy::start(config).await.expect("p2 starts");
+    wait_for(Duration::from_secs(5), "p2 follows p0", async || {
+        p2.ha().status().leader.as_deref() == Some("p0")
+    })
+    .await;
+    p0.kill().unwrap();
+    p0.wait().unwrap();
+    let took = wait_for(
+        Duration::from_secs(4),
+        "p2 leads after p0's kill",
+        async || p2.ha().status().is_leader,
+    )
+    .await;
+    println!("p0 killed: p2 took the lead in {took:?} (lease_ttl 2s)");
+    let c = common::connect(&format!(
+        "host=127.0.0.1 port={} user=app password=app dbname=postgres",
+        p2.addr().port()
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("create table after_the_kill (x int)")
+        .await
+        .unwrap();
+    p2.shutdown().await;
+}

@@ -274,8 +274,20 @@ impl Session {
         };
         self.cancel.set_target(None);
         let node = server.conn.node;
-        let lost = RouteError::ServerLost(match &server.fatal {
-            Some(said) => format!("{} ({said})", server.conn.addr),
+        let topology = self.shared.topology.load();
+        let demoted =
+            server.role == Role::Primary && topology.epoch_primary != Some(server.conn.node);
+        let why = match (&server.fatal, demoted) {
+            (_, true) => Some(format!(
+                "it is no longer the primary: topology epoch {} has another",
+                topology.epoch
+            )),
+            (Some(said), false) => Some(said.clone()),
+            (None, false) => None,
+        };
+        drop(topology);
+        let lost = RouteError::ServerLost(match why {
+            Some(why) => format!("{} ({why})", server.conn.addr),
             None => server.conn.addr.to_string(),
         });
         let replay = server.replay;
