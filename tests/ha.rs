@@ -283,3 +283,42 @@ async fn ctl_status_and_switchover_through_the_admin_api() {
         .unwrap();
     assert_eq!(old["fenced"], true);
 }
+
+/// A transaction open on the primary when a new epoch names another one is
+/// ended at once: its connection is dropped (the server rolls it back) and
+/// the client hears 08006 saying why, instead of committing on a node that
+/// is no longer the primary.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_epoch_ends_transactions_on_the_old_primary() {
+    let h = Harness::start(FAST).await;
+    let c = h.connect().await;
+    c.batch_execute("create table e (x int)").await.unwrap();
+    c.batch_execute("begin; insert into e values (1)")
+        .await
+        .unwrap();
+    let t = h.proxy().topology().load_full();
+    // As a controller elsewhere would publish it: node0 fenced, node1 next.
+    let (old, other) = (t.nodes[0].addr, t.nodes[1].addr);
+    let record = format!(
+        "{{\"epoch\":{},\"primary\":\"{other}\",\"fenced\":[\"{old}\"]}}",
+        t.epoch.0 + 1
+    );
+    let ha = h.proxy().ha();
+    ha.store()
+        .put(&format!("{}topology", ha.keys().root()), &record, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = c
+        .batch_execute("insert into e values (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err), "08006", "{err:?}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("no longer the primary"), "{message}");
+    let count = h.cluster.psql(0, "select count(*) from e").unwrap();
+    assert_eq!(
+        count, "0",
+        "the transaction was rolled back on the old primary"
+    );
+}

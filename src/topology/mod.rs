@@ -218,15 +218,20 @@ struct Shared {
     snapshot: ArcSwap<Topology>,
     /// Bumped on every publish; waiters subscribe to it.
     version: watch::Sender<u64>,
+    /// Changes only with the epoch: what sessions holding a primary
+    /// connection watch, without waking on every poll round.
+    epoch: watch::Sender<Epoch>,
     /// Wakes the monitor for an immediate poll round.
     refresh: Notify,
 }
 
 impl SharedTopology {
     pub fn new(topology: Topology) -> SharedTopology {
+        let epoch = topology.epoch;
         SharedTopology(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(topology),
             version: watch::Sender::new(0),
+            epoch: watch::Sender::new(epoch),
             refresh: Notify::new(),
         }))
     }
@@ -258,6 +263,10 @@ impl SharedTopology {
         });
         if changed {
             self.0.version.send_modify(|v| *v = v.wrapping_add(1));
+            let epoch = self.load().epoch;
+            self.0
+                .epoch
+                .send_if_modified(|e| std::mem::replace(e, epoch) != epoch);
         }
         changed
     }
@@ -270,6 +279,11 @@ impl SharedTopology {
         }
         tracing::warn!(node = %id, "node unreachable, taken out of rotation");
         self.update(|t| t.nodes[id.0].health = Health::Down);
+    }
+
+    /// Sees every new epoch (a new primary, a fencing).
+    pub fn epochs(&self) -> watch::Receiver<Epoch> {
+        self.0.epoch.subscribe()
     }
 
     /// Asks the monitor for a poll round now instead of at the next tick: for

@@ -145,6 +145,9 @@ pub struct Session {
     /// Held on its server connection for good (transaction mode only).
     pinned: Option<PinReason>,
     consistency: Consistency,
+    /// New topology epochs: a transaction on a primary that lost its epoch
+    /// is ended at once, not left to write to a fenced node.
+    epochs: tokio::sync::watch::Receiver<crate::topology::Epoch>,
     /// The current extended batch ends a write: learn the commit LSN at Sync.
     unit_writes: bool,
     /// ...or run a COPY: then learn it only once the unit is over.
@@ -189,6 +192,7 @@ impl Session {
             mode,
             attached,
         } = setup;
+        let epochs = shared.topology.epochs();
         let server = attached.map(|mut conn| {
             conn.clean = false;
             Attached {
@@ -225,6 +229,7 @@ impl Session {
             last_command: None,
             pinned: None,
             consistency: Consistency::new(mode),
+            epochs,
             unit_writes: false,
             unit_copies: false,
             capture_when_ready: None,
@@ -283,6 +288,10 @@ impl Session {
             if self.draining && self.is_between_transactions() {
                 return Err(ClientError::ShuttingDown);
             }
+            let on_primary = self
+                .server
+                .as_ref()
+                .is_some_and(|s| s.role == Role::Primary);
             let server = self.server.as_mut();
             tokio::select! {
                 read = self.client.fill(), if self.waiting.is_none() => {
@@ -295,8 +304,23 @@ impl Session {
                     _ => self.on_server_lost().await?,
                 },
                 _ = &mut stop, if !self.draining => self.draining = true,
+                _ = self.epochs.changed(), if on_primary => self.on_new_epoch().await?,
             }
         }
+    }
+    /// The attached primary connection belongs to a node that is no longer
+    /// the epoch's primary: it is dropped, and the client hears 08006 with
+    /// the reason, as for a lost server.
+    async fn on_new_epoch(&mut self) -> Result<(), ClientError> {
+        let demoted = self.server.as_ref().is_some_and(|s| {
+            s.role == Role::Primary
+                && self.shared.topology.load().epoch_primary != Some(s.conn.node)
+        });
+        if demoted {
+            tracing::warn!("the primary lost its epoch: ending the work on it");
+            self.on_server_lost().await?;
+        }
+        Ok(())
     }
     fn mode(&self) -> PoolMode {
         self.shared.config.pool.mode
