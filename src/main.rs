@@ -110,6 +110,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The demo's admin token: a local throwaway cluster, not a secret.
+const DEMO_TOKEN: &str = "demo";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -135,7 +138,12 @@ async fn run_demo(listen: String) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let config = demo::config(&cluster, &listen, "");
+    // A token so that the HA operations can be tried from another terminal.
+    let config = demo::config(
+        &cluster,
+        &listen,
+        &format!("[admin]\ntoken = \"{DEMO_TOKEN}\"\n"),
+    );
     let proxy = Proxy::start(config).await.map_err(|e| e.to_string())?;
     print_demo_banner(&cluster, &proxy);
     wait_for_stop_signal().await;
@@ -171,6 +179,11 @@ fn print_demo_banner(cluster: &Cluster, proxy: &Proxy) {
     println!("  try: select inet_server_port(), pg_is_in_recovery();   -- reads go to replicas");
     println!(
         "       create table t (x int); insert into t values (1); -- writes go to the primary"
+    );
+    let admin = proxy.admin_addr();
+    println!("  and: tidepool ctl --admin {admin} status");
+    println!(
+        "       tidepool ctl --admin {admin} --token {DEMO_TOKEN} switchover   -- clients see a pause, not an error"
     );
     println!(
         "\nCtrl-C stops tidepool and the cluster and removes {}",

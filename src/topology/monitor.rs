@@ -161,14 +161,27 @@ impl Monitor {
         started: Instant,
         now: Instant,
     ) -> Vec<Observation> {
-        let primaries: Vec<Option<Lsn>> = results
+        let epoch_primary = self.topology.load().epoch_primary;
+        let primaries: Vec<(NodeId, Option<Lsn>)> = self
+            .pollers
             .iter()
-            .filter_map(|r| r.as_ref().ok().filter(|s| s.role == Role::Primary))
-            .map(|s| s.current_lsn)
+            .zip(&results)
+            .filter_map(|(p, r)| {
+                r.as_ref()
+                    .ok()
+                    .filter(|s| s.role == Role::Primary)
+                    .map(|s| (p.id, s.current_lsn))
+            })
             .collect();
-        // Two primaries (split brain) give no reference to measure against.
-        let primary_lsn = match primaries[..] {
-            [lsn] => lsn,
+        // Lag is measured against the epoch's primary (a fenced old primary
+        // may still be out of recovery); without an epoch, against the one
+        // primary, and two give no reference at all.
+        let primary_lsn = match (epoch_primary, &primaries[..]) {
+            (Some(id), _) if primaries.iter().any(|(p, _)| *p == id) => primaries
+                .iter()
+                .find(|(p, _)| *p == id)
+                .and_then(|(_, lsn)| *lsn),
+            (_, [(_, lsn)]) => *lsn,
             _ => None,
         };
         let threshold = self.settings.failures_before_down;
