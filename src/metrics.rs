@@ -21,6 +21,7 @@ use prometheus::{
 };
 
 use crate::frontend::session::PinReason;
+use crate::ha::HaStatus;
 use crate::pool::PoolKey;
 use crate::route::classify::CacheStats;
 use crate::route::policy::{Fallback, RouteReason};
@@ -90,6 +91,14 @@ pub struct Metrics {
     node_receive_lsn: IntGaugeVec,
     node_lag_bytes: IntGaugeVec,
     node_lag_seconds: GaugeVec,
+    ha_is_leader: IntGauge,
+    ha_coordinator_reachable: IntGauge,
+    ha_writes_refused: IntGauge,
+    ha_paused: IntGauge,
+    ha_fenced_nodes: IntGauge,
+    ha_failovers: IntCounter,
+    ha_switchovers: IntCounter,
+    ha_last_failover_seconds: prometheus::Gauge,
 
     /// Two scrapes at once would interleave their reset-and-set of the
     /// scrape-time gauges; only scrapes take it.
@@ -252,6 +261,41 @@ impl Metrics {
                 "tidepool_topology_epoch",
                 "The topology epoch (fencing token) this proxy follows",
             ),
+            ha_is_leader: b.gauge(
+                "tidepool_ha_is_leader",
+                "1 while this proxy runs the HA controller",
+            ),
+            ha_coordinator_reachable: b.gauge(
+                "tidepool_ha_coordinator_reachable",
+                "1 while this proxy's lease in the coordinator store is confirmed",
+            ),
+            ha_writes_refused: b.gauge(
+                "tidepool_ha_writes_refused",
+                "1 while writes are refused because the epoch cannot be confirmed",
+            ),
+            ha_paused: b.gauge(
+                "tidepool_ha_paused",
+                "1 while a switchover holds new transactions",
+            ),
+            ha_fenced_nodes: b.gauge(
+                "tidepool_ha_fenced_nodes",
+                "Former primaries fenced until they are replicas again",
+            ),
+            ha_failovers: b.counter(
+                "tidepool_ha_failovers_total",
+                "Failovers in the cluster's history",
+            ),
+            ha_switchovers: b.counter(
+                "tidepool_ha_switchovers_total",
+                "Planned switchovers in the cluster's history",
+            ),
+            ha_last_failover_seconds: b.add(
+                prometheus::Gauge::new(
+                    "tidepool_ha_last_failover_seconds",
+                    "How long the last failover took, from the decision to the new primary",
+                )
+                .expect("valid metric"),
+            ),
             node_up: b.gauge_vec(
                 "tidepool_node_up",
                 "1 when the node answers the monitor's polls",
@@ -359,6 +403,7 @@ impl Metrics {
     pub fn scrape(&self, view: &ScrapeView<'_>) -> Result<String, EncodeError> {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
         self.refresh_topology(view.topology);
+        self.refresh_ha(view.topology, view.ha);
         self.refresh_pools(view.topology, view.pools);
         // Counters only go up: add what the classifier counted since the last scrape.
         let cache = view.classify_cache;
@@ -415,6 +460,28 @@ impl Metrics {
         }
     }
 
+    fn refresh_ha(&self, topology: &Topology, ha: &HaStatus) {
+        let flag = |gauge: &IntGauge, on: bool| gauge.set(i64::from(on));
+        flag(&self.ha_is_leader, ha.is_leader);
+        flag(&self.ha_coordinator_reachable, ha.coordinator_reachable);
+        flag(&self.ha_writes_refused, topology.writes_refused.is_some());
+        flag(
+            &self.ha_paused,
+            topology
+                .paused_until
+                .is_some_and(|u| std::time::Instant::now() < u),
+        );
+        self.ha_fenced_nodes
+            .set(clamp(topology.fenced.len() as u64));
+        self.ha_failovers
+            .inc_by(ha.failovers.saturating_sub(self.ha_failovers.get()));
+        self.ha_switchovers
+            .inc_by(ha.switchovers.saturating_sub(self.ha_switchovers.get()));
+        if let Some(ms) = ha.last_failover_ms {
+            self.ha_last_failover_seconds.set(ms as f64 / 1000.0);
+        }
+    }
+
     fn refresh_pools(&self, topology: &Topology, pools: &[(PoolKey, deadpool::Status)]) {
         self.clients_waiting.reset();
         self.pool_servers.reset();
@@ -448,6 +515,7 @@ impl Metrics {
 /// What a scrape reads besides the registry.
 pub struct ScrapeView<'a> {
     pub topology: &'a Topology,
+    pub ha: &'a HaStatus,
     pub pools: &'a [(PoolKey, deadpool::Status)],
     pub classify_cache: CacheStats,
 }
@@ -497,6 +565,7 @@ mod tests {
         metrics
             .scrape(&ScrapeView {
                 topology,
+                ha: &HaStatus::default(),
                 pools: &[],
                 classify_cache: CacheStats { hits: 3, misses: 1 },
             })

@@ -101,6 +101,19 @@ async fn failover_after_kill_loses_no_acknowledged_write_and_fences_the_old_prim
         .find(|e| e.kind == EventKind::Failover)
         .expect("a failover in the history");
     println!("failover: {failover:?}");
+    let metrics = common::http::get(h.proxy().admin_addr(), "/metrics")
+        .await
+        .body;
+    for line in [
+        "tidepool_ha_failovers_total 1",
+        "tidepool_ha_is_leader 1",
+        "tidepool_ha_fenced_nodes 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
 
     // Every acknowledged write is on the new primary.
     let acked = acked.lock().await.clone();

@@ -151,8 +151,10 @@ fn error(status: StatusCode, message: &str) -> Response {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let topology = shared.topology.load_full();
     let pools = shared.pools.statuses();
+    let ha = shared.ha.status();
     let view = ScrapeView {
         topology: &topology,
+        ha: &ha,
         pools: &pools,
         classify_cache: shared.classifier.cache_stats(),
     };

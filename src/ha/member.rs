@@ -34,6 +34,7 @@ pub fn spawn(
         published: None,
         controller: None,
         leader_seen: None,
+        history: History::default(),
     };
     tokio::spawn(member.run(shutdown))
 }
@@ -54,6 +55,36 @@ struct Member {
     published: Option<MemberRecord>,
     controller: Option<(Guard, JoinHandle<()>)>,
     leader_seen: Option<String>,
+    history: History,
+}
+
+/// The history entries seen, by key: a re-read after a broken watch must
+/// not count them twice.
+#[derive(Default)]
+struct History {
+    seen: std::collections::HashSet<String>,
+    failovers: u64,
+    switchovers: u64,
+    last_failover_ms: Option<u64>,
+}
+
+impl History {
+    fn record(&mut self, key: &str, json: &str) {
+        let Ok(entry) = serde_json::from_str::<super::HistoryEntry>(json) else {
+            return;
+        };
+        if !self.seen.insert(key.to_owned()) {
+            return;
+        }
+        match entry.kind {
+            super::EventKind::Failover => {
+                self.failovers += 1;
+                self.last_failover_ms = Some(entry.took_ms);
+            }
+            super::EventKind::Switchover => self.switchovers += 1,
+            _ => {}
+        }
+    }
 }
 
 impl Member {
@@ -164,6 +195,8 @@ impl Member {
                 self.apply_pause(Some(&entry.value));
             } else if entry.key == leader_key {
                 self.leader_seen = Some(entry.value.clone());
+            } else if entry.key.starts_with(&keys.histories()) {
+                self.history.record(&entry.key, &entry.value);
             }
         }
         if !paused {
@@ -182,6 +215,10 @@ impl Member {
             WatchEvent::Put(v) if v.key == keys.topology() => self.apply_topology(&v.value),
             WatchEvent::Put(v) if v.key == keys.pause() => self.apply_pause(Some(&v.value)),
             WatchEvent::Delete { key, .. } if key == keys.pause() => self.apply_pause(None),
+            WatchEvent::Put(v) if v.key.starts_with(&keys.histories()) => {
+                self.history.record(&v.key, &v.value);
+                self.judge_reachability();
+            }
             WatchEvent::Put(v) if v.key == keys.leader() => {
                 self.leader_seen = Some(v.value);
                 self.judge_reachability();
@@ -259,6 +296,9 @@ impl Member {
             leader: self.leader_seen.clone(),
             is_leader: self.controller.is_some(),
             coordinator_reachable: reachable,
+            failovers: self.history.failovers,
+            switchovers: self.history.switchovers,
+            last_failover_ms: self.history.last_failover_ms,
         };
         self.status.send_if_modified(|s| {
             let changed = *s != status;

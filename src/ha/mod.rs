@@ -225,6 +225,12 @@ pub struct HaStatus {
     pub leader: Option<String>,
     pub is_leader: bool,
     pub coordinator_reachable: bool,
+    /// Failovers and switchovers in the cluster's history (every proxy
+    /// sees the same history).
+    pub failovers: u64,
+    pub switchovers: u64,
+    /// How long the last failover took, from the decision to the new primary.
+    pub last_failover_ms: Option<u64>,
 }
 
 /// A running member (and, when elected, controller).
