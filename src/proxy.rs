@@ -109,6 +109,7 @@ impl Proxy {
             busy,
             metrics,
             ha: ha.clone(),
+            admin: users::admin(&config.admin),
             config,
         });
         let reaper = {

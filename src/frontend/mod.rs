@@ -45,6 +45,8 @@ pub struct Shared {
     pub busy: Arc<std::sync::atomic::AtomicU64>,
     pub metrics: Arc<Metrics>,
     pub ha: crate::ha::HaHandle,
+    /// `[admin] user`, for the admin console (none: no console).
+    pub admin: Option<Arc<users::UserEntry>>,
 }
 
 /// Serves one client connection from its first byte to its last.
@@ -96,6 +98,31 @@ async fn start_session(
     else {
         return Ok(());
     };
+    if let Some(admin) = console_user(shared, &startup) {
+        tracing::Span::current().record("user", admin.name.as_str());
+        tracing::Span::current().record("db", crate::admin::console::DATABASE);
+        let login = tokio::time::timeout(
+            startup_timeout,
+            handshake::authenticate(&mut client, &admin),
+        )
+        .await
+        .map_err(|_| ClientError::StartupTimeout)
+        .and_then(|r| r);
+        if let Err(e) = login {
+            return refuse(client, e).await;
+        }
+        for (name, value) in CONSOLE_PARAMETERS {
+            client.send(&backend::parameter_status(name, value)).await?;
+        }
+        client
+            .send(&shared.cancels.register(None).key.encode())
+            .await?;
+        client
+            .send(&backend::ready_for_query(TxStatus::Idle))
+            .await?;
+        client.flush().await?;
+        return crate::admin::console::serve(shared.clone(), client).await;
+    }
     let login = tokio::time::timeout(startup_timeout, async {
         let (user, database) = handshake::find_user(&shared.users, &startup)?;
         let user = user.clone();
@@ -142,6 +169,27 @@ async fn start_session(
     session::Session::new(shared.clone(), client, setup, shutdown)
         .run()
         .await
+}
+
+/// What psql needs to hear from the console (it is no PostgreSQL server).
+const CONSOLE_PARAMETERS: [(&str, &str); 5] = [
+    ("server_version", "15.0 (tidepool admin console)"),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, MDY"),
+    ("standard_conforming_strings", "on"),
+];
+
+/// The admin console's user, when the client asks for the console database
+/// as that user.
+fn console_user(
+    shared: &Shared,
+    startup: &crate::protocol::startup::StartupMessage,
+) -> Option<Arc<UserEntry>> {
+    let admin = shared.admin.as_ref()?;
+    let user = startup.get("user")?;
+    let database = startup.get("database").unwrap_or(user);
+    (database == crate::admin::console::DATABASE && user == admin.name).then(|| admin.clone())
 }
 
 /// Tells the client why it cannot have a session, then closes.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth, gen_salted_password};
 
-use crate::config::{ConsistencyMode, Secret, UserConfig};
+use crate::config::{AdminConfig, ConsistencyMode, Secret, UserConfig};
 
 const SCRAM_ITERATIONS: usize = 4096;
 
@@ -55,4 +55,18 @@ pub fn build(users: &[UserConfig]) -> Users {
             (u.name.clone(), Arc::new(entry))
         })
         .collect()
+}
+
+/// The admin console's user, when `[admin]` names one with a password.
+pub fn admin(config: &AdminConfig) -> Option<Arc<UserEntry>> {
+    let (Some(name), Some(password)) = (&config.user, &config.password) else {
+        return None;
+    };
+    let user = UserConfig {
+        name: name.clone(),
+        password: password.clone(),
+        allow_md5: false,
+        consistency: None,
+    };
+    build(&[user]).into_values().next()
 }
