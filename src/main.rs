@@ -146,7 +146,9 @@ async fn run_demo(listen: String) -> Result<(), String> {
     );
     let proxy = Proxy::start(config).await.map_err(|e| e.to_string())?;
     print_demo_banner(&cluster, &proxy);
+    let status = tokio::spawn(print_status_lines(proxy.topology().clone()));
     wait_for_stop_signal().await;
+    status.abort();
     println!("\nstopping tidepool and the cluster...");
     proxy.shutdown().await;
     let dir = cluster.dir().to_owned();
@@ -189,6 +191,63 @@ fn print_demo_banner(cluster: &Cluster, proxy: &Proxy) {
         "\nCtrl-C stops tidepool and the cluster and removes {}",
         cluster.dir().display()
     );
+}
+
+/// The demo's live status: one line whenever the picture changes (roles,
+/// health, epoch, a replica crossing a lag limit), and every 10 s anyway,
+/// with the replicas' lag.
+async fn print_status_lines(topology: tidepool::topology::SharedTopology) {
+    use std::time::Duration;
+    let mut last = String::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut since = 0;
+    loop {
+        ticker.tick().await;
+        let t = topology.load_full();
+        let shape: String = t
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}{:?}{:?}{}",
+                    n.role.as_str(),
+                    n.health,
+                    n.lagging,
+                    t.is_fenced(n.id)
+                )
+            })
+            .chain([t.epoch.to_string()])
+            .collect();
+        since += 1;
+        if shape == last && since < 10 {
+            continue;
+        }
+        (last, since) = (shape, 0);
+        let primary = t
+            .primary()
+            .map_or("none".to_owned(), |p| p.addr.to_string());
+        let replicas: Vec<String> = t
+            .nodes
+            .iter()
+            .filter(|n| Some(n.id) != t.epoch_primary)
+            .map(|n| {
+                let state = match (t.is_fenced(n.id), n.health, n.role) {
+                    (true, _, _) => "fenced".to_owned(),
+                    (_, tidepool::topology::Health::Down, _) => "down".to_owned(),
+                    _ => format!(
+                        "lag {} B",
+                        n.lag_bytes.map_or("?".into(), |b| b.to_string())
+                    ),
+                };
+                format!("{} {state}", n.addr)
+            })
+            .collect();
+        println!(
+            "[status] epoch {}  primary {primary}  replicas: {}",
+            t.epoch,
+            replicas.join(", ")
+        );
+    }
 }
 
 async fn wait_for_stop_signal() {

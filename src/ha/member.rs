@@ -112,7 +112,9 @@ impl Member {
                 _ = shutdown.changed() => break,
             }
         }
-        self.stop_controller();
+        if let Some((_, task)) = self.controller.take() {
+            task.abort();
+        }
         if let Some(lease) = self.lease {
             // Hand the leadership over now rather than after a TTL.
             let _ = self.store.revoke(lease).await;
