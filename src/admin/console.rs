@@ -4,8 +4,6 @@
 //! same, so existing scripts keep working.
 use std::sync::Arc;
 
-use bytes::BufMut;
-
 use crate::frontend::Shared;
 use crate::frontend::client::ClientConn;
 use crate::frontend::error::ClientError;
@@ -139,39 +137,9 @@ async fn answer(shared: &Shared, sql: &str) -> Vec<Frame> {
     }
 }
 
-/// A result set of text columns, ending with its `SHOW` tag.
+/// A result set of text columns, ending with its `SHOW n` tag.
 fn table(columns: &[&str], rows: Vec<Vec<Option<String>>>) -> Vec<Frame> {
-    let mut out = Vec::with_capacity(rows.len() + 2);
-    out.push(Frame::build(backend::ROW_DESCRIPTION, |b| {
-        b.put_i16(columns.len() as i16);
-        for name in columns {
-            b.put_slice(name.as_bytes());
-            b.put_u8(0);
-            b.put_i32(0); // table oid
-            b.put_i16(0); // column number
-            b.put_i32(25); // text
-            b.put_i16(-1);
-            b.put_i32(-1);
-            b.put_i16(0); // text format
-        }
-    }));
-    let count = rows.len();
-    for row in rows {
-        out.push(Frame::build(backend::DATA_ROW, |b| {
-            b.put_i16(row.len() as i16);
-            for value in &row {
-                match value {
-                    Some(v) => {
-                        b.put_i32(v.len() as i32);
-                        b.put_slice(v.as_bytes());
-                    }
-                    None => b.put_i32(-1),
-                }
-            }
-        }));
-    }
-    out.push(backend::command_complete(&format!("SHOW {count}")));
-    out
+    backend::text_table(columns, &rows, &format!("SHOW {}", rows.len()))
 }
 
 fn text(value: impl ToString) -> Option<String> {

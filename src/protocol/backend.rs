@@ -262,25 +262,41 @@ pub fn single_text_value(frame: &Frame) -> Option<&str> {
 
 /// A one-column text result set, for the proxy's own SHOW commands.
 pub fn text_rows(column: &str, rows: &[&str]) -> Vec<Frame> {
-    let mut frames = vec![Frame::build(ROW_DESCRIPTION, |b| {
-        b.put_i16(1);
-        b.put_slice(column.as_bytes());
-        b.put_u8(0);
-        b.put_i32(0); // table oid
-        b.put_i16(0); // column number
-        b.put_i32(25); // text
-        b.put_i16(-1);
-        b.put_i32(-1);
-        b.put_i16(0); // text format
-    })];
+    let rows: Vec<Vec<Option<String>>> = rows.iter().map(|r| vec![Some(r.to_string())]).collect();
+    text_table(&[column], &rows, "SHOW")
+}
+
+/// A result set of text columns (`None` is NULL), ending with `tag`.
+pub fn text_table(columns: &[&str], rows: &[Vec<Option<String>>], tag: &str) -> Vec<Frame> {
+    let mut frames = Vec::with_capacity(rows.len() + 2);
+    frames.push(Frame::build(ROW_DESCRIPTION, |b| {
+        b.put_i16(columns.len() as i16);
+        for name in columns {
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_i32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_i32(25); // text
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(0); // text format
+        }
+    }));
     for row in rows {
         frames.push(Frame::build(DATA_ROW, |b| {
-            b.put_i16(1);
-            b.put_i32(row.len() as i32);
-            b.put_slice(row.as_bytes());
+            b.put_i16(row.len() as i16);
+            for value in row {
+                match value {
+                    Some(v) => {
+                        b.put_i32(v.len() as i32);
+                        b.put_slice(v.as_bytes());
+                    }
+                    None => b.put_i32(-1),
+                }
+            }
         }));
     }
-    frames.push(command_complete("SHOW"));
+    frames.push(command_complete(tag));
     frames
 }
 
