@@ -329,6 +329,8 @@ async fn a_new_epoch_ends_transactions_on_the_old_primary() {
     assert_eq!(common::sqlstate(&err), "08006", "{err:?}");
     let message = err.as_db_error().unwrap().message().to_owned();
     assert!(message.contains("no longer the primary"), "{message}");
+    // The client's ROLLBACK is answered even while there is no primary.
+    c.batch_execute("rollback").await.unwrap();
     let count = h.cluster.psql(0, "select count(*) from e").unwrap();
     assert_eq!(
         count, "0",

@@ -177,7 +177,16 @@ pub fn error_response(severity: Severity, code: &str, message: &str) -> Frame {
         Severity::Error => "ERROR",
         Severity::Fatal => "FATAL",
     };
-    Frame::build(ERROR_RESPONSE, |b| {
+    fields_frame(ERROR_RESPONSE, severity, code, message)
+}
+
+/// A WARNING NoticeResponse, as PostgreSQL sends for a COMMIT outside a transaction.
+pub fn warning(code: &str, message: &str) -> Frame {
+    fields_frame(NOTICE_RESPONSE, "WARNING", code, message)
+}
+
+fn fields_frame(tag: u8, severity: &str, code: &str, message: &str) -> Frame {
+    Frame::build(tag, |b| {
         for (kind, value) in [
             (b'S', severity),
             (b'V', severity),

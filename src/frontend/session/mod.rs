@@ -439,6 +439,22 @@ impl Session {
                         .await?;
                     return self.ready(TxStatus::InTransaction).await;
                 }
+                // Outside a transaction, as PostgreSQL answers it, without a
+                // server: after a lost connection, a client's ROLLBACK must
+                // not depend on a primary being there.
+                Intent::End
+                    if self.held_begin.is_none() && self.client_status == TxStatus::Idle =>
+                {
+                    let tag = if sql.is_some_and(is_rollback) {
+                        "ROLLBACK"
+                    } else {
+                        "COMMIT"
+                    };
+                    let warning = backend::warning("25P01", "there is no transaction in progress");
+                    self.client.send(&warning).await?;
+                    self.client.send(&backend::command_complete(tag)).await?;
+                    return self.ready(TxStatus::Idle).await;
+                }
                 Intent::End if self.held_begin.is_some() => {
                     self.held_begin = None;
                     let committed = self.client_status == TxStatus::InTransaction
