@@ -314,9 +314,19 @@ pub struct UserConfig {
 }
 
 /// A password or token: its `Debug` never shows it, so no log line can.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+///
+/// In the TOML, `"env:NAME"` reads it from the environment variable NAME and
+/// `"file:/path"` from a file (trailing newline dropped), so that secrets
+/// need not sit in the configuration file.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        let given = String::deserialize(deserializer)?;
+        Secret::resolve(&given).map_err(serde::de::Error::custom)
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Secret {
@@ -325,6 +335,20 @@ impl Secret {
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    fn resolve(given: &str) -> Result<Secret, String> {
+        if let Some(name) = given.strip_prefix("env:") {
+            return std::env::var(name)
+                .map(Secret)
+                .map_err(|_| format!("environment variable {name} is not set"));
+        }
+        if let Some(path) = given.strip_prefix("file:") {
+            return std::fs::read_to_string(path)
+                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| format!("cannot read {path}: {e}"));
+        }
+        Ok(Secret(given.to_owned()))
     }
 }
 
@@ -560,5 +584,27 @@ password = "app"
         assert!(!shown.contains("\"pw\""), "{shown}");
         assert!(!shown.contains("password: \"app\""), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn secrets_come_from_env_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let key = "TIDEPOOL_TEST_SECRET_ENV";
+        assert!(Secret::resolve(&format!("env:{key}")).is_err_and(|e| e.contains(key)));
+        assert_eq!(
+            Secret::resolve(&format!("file:{}", file.display()))
+                .unwrap()
+                .expose(),
+            "from-file"
+        );
+        assert_eq!(Secret::resolve("plain").unwrap().expose(), "plain");
+        let toml = format!(
+            "[cluster]\nnodes = [\"127.0.0.1:5432\"]\nadmin_user = \"postgres\"\nadmin_password = \"file:{}\"\n\n[[users]]\nname = \"app\"\npassword = \"env:{key}\"\n",
+            file.display()
+        );
+        let err = Config::parse(&toml).unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
     }
 }

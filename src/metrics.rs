@@ -91,6 +91,7 @@ pub struct Metrics {
     node_receive_lsn: IntGaugeVec,
     node_lag_bytes: IntGaugeVec,
     node_lag_seconds: GaugeVec,
+    session_panics: IntCounter,
     ha_is_leader: IntGauge,
     ha_coordinator_reachable: IntGauge,
     ha_writes_refused: IntGauge,
@@ -261,6 +262,10 @@ impl Metrics {
                 "tidepool_topology_epoch",
                 "The topology epoch (fencing token) this proxy follows",
             ),
+            session_panics: b.counter(
+                "tidepool_session_panics_total",
+                "Client sessions ended by a bug (a panic), each logged with its message",
+            ),
             ha_is_leader: b.gauge(
                 "tidepool_ha_is_leader",
                 "1 while this proxy runs the HA controller",
@@ -380,6 +385,10 @@ impl Metrics {
     pub fn ryw_waited(&self, elapsed: Duration) {
         self.ryw_waits.inc();
         self.ryw_wait_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn session_panicked(&self) {
+        self.session_panics.inc();
     }
 
     pub fn pinned(&self, reason: PinReason) {

@@ -64,9 +64,22 @@ pub async fn serve_client(
     );
     let _connected = shared.metrics.client_connected();
     async move {
-        match start_session(&shared, tcp, shutdown).await {
-            Ok(()) | Err(ClientError::Gone) => tracing::debug!("client disconnected"),
-            Err(e) => tracing::info!(error = %e, "client session ended"),
+        // A bug in one session must not take the process or another session
+        // with it: the panic ends this client's connection, is logged and
+        // counted, and everything else goes on.
+        let session = std::panic::AssertUnwindSafe(start_session(&shared, tcp, shutdown));
+        match futures_util::FutureExt::catch_unwind(session).await {
+            Ok(Ok(()) | Err(ClientError::Gone)) => tracing::debug!("client disconnected"),
+            Ok(Err(e)) => tracing::info!(error = %e, "client session ended"),
+            Err(panic) => {
+                shared.metrics.session_panicked();
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "client session panicked; connection closed");
+            }
         }
     }
     .instrument(span)
