@@ -133,6 +133,7 @@ async fn run(path: PathBuf) -> Result<(), String> {
 }
 
 async fn run_demo(listen: String) -> Result<(), String> {
+    install_postgres_if_missing()?;
     println!("starting a local PostgreSQL cluster (1 primary, 2 streaming replicas)...");
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterSpec::default()))
         .await
@@ -157,6 +158,44 @@ async fn run_demo(listen: String) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("stopped; removed {}", dir.display());
     Ok(())
+}
+
+/// A fresh Debian machine has psql but not the server: the demo installs
+/// Debian's postgresql-15 (as the test command does) rather than stop at
+/// "no initdb". `TIDEPOOL_PG_BIN` points at other binaries instead.
+fn install_postgres_if_missing() -> Result<(), String> {
+    let installed = std::env::var_os("TIDEPOOL_PG_BIN").is_some()
+        || std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|dirs| {
+            dirs.flatten()
+                .any(|d| d.path().join("bin/initdb").is_file())
+        });
+    if installed {
+        return Ok(());
+    }
+    println!("PostgreSQL server binaries not found: installing Debian's postgresql-15...");
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    });
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            std::process::Command::new("apt-get")
+        } else {
+            let mut sudo = std::process::Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        cmd.status()
+            .map_err(|e| format!("running apt-get: {e}"))
+            .and_then(|s| {
+                s.success()
+                    .then_some(())
+                    .ok_or(format!("apt-get {} failed", args.join(" ")))
+            })
+    };
+    apt(&["update", "-q"])?;
+    apt(&["install", "-y", "-q", "postgresql-15"])
 }
 
 fn print_demo_banner(cluster: &Cluster, proxy: &Proxy) {
