@@ -474,12 +474,7 @@ impl Metrics {
         flag(&self.ha_is_leader, ha.is_leader);
         flag(&self.ha_coordinator_reachable, ha.coordinator_reachable);
         flag(&self.ha_writes_refused, topology.writes_refused.is_some());
-        flag(
-            &self.ha_paused,
-            topology
-                .paused_until
-                .is_some_and(|u| std::time::Instant::now() < u),
-        );
+        flag(&self.ha_paused, topology.is_paused());
         self.ha_fenced_nodes
             .set(clamp(topology.fenced.len() as u64));
         self.ha_failovers

@@ -10,7 +10,7 @@ use crate::frontend::error::ClientError;
 use crate::protocol::Frame;
 use crate::protocol::backend::{self, Severity, TxStatus};
 use crate::protocol::frontend as fe;
-use crate::topology::{Health, Lsn};
+use crate::topology::Lsn;
 
 /// The database name that selects the console.
 pub const DATABASE: &str = "tidepool";
@@ -162,10 +162,7 @@ fn nodes(shared: &Shared) -> Vec<Frame> {
                     true => "primary",
                     false => n.role.as_str(),
                 }),
-                text(match n.health {
-                    Health::Up => "up",
-                    Health::Down => "down",
-                }),
+                text(n.health.as_str()),
                 text(t.is_fenced(n.id)),
                 lsn(n.current_lsn),
                 lsn(n.replay_lsn),

@@ -246,9 +246,7 @@ impl TopologyView {
             is_leader: ha.is_leader,
             coordinator_reachable: ha.coordinator_reachable,
             writes_refused: topology.writes_refused.clone(),
-            paused: topology
-                .paused_until
-                .is_some_and(|u| std::time::Instant::now() < u),
+            paused: topology.is_paused(),
             nodes: topology
                 .nodes
                 .iter()
@@ -264,10 +262,7 @@ impl NodeView {
         NodeView {
             address: node.addr.to_string(),
             role: node.role.as_str(),
-            health: match node.health {
-                Health::Up => "up",
-                Health::Down => "down",
-            },
+            health: node.health.as_str(),
             current_lsn: text(node.current_lsn),
             replay_lsn: text(node.replay_lsn),
             receive_lsn: text(node.receive_lsn),

@@ -92,9 +92,7 @@ impl Controller {
     }
 
     fn leading(&self) -> bool {
-        self.valid_until
-            .borrow()
-            .is_some_and(|t| Instant::now() < t)
+        super::lease_holds(*self.valid_until.borrow())
     }
 
     async fn step(&mut self) -> Result<(), StepError> {
@@ -566,10 +564,7 @@ impl Controller {
         let (old_addr, new_addr) = (t.node(old).addr, t.node(candidate).addr);
         tracing::warn!(from = %old_addr, to = %new_addr, "switchover: pausing");
         let limit = self.settings.switchover_timeout;
-        let pause = PauseRecord {
-            until_ms: unix_ms() + limit.as_millis() as u64,
-        };
-        let json = serde_json::to_string(&pause).expect("serializable");
+        let json = PauseRecord::json_for(limit);
         let paused = self
             .store
             .put_guarded(&self.guard, &self.settings.keys.pause(), &json)

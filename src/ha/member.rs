@@ -122,9 +122,7 @@ impl Member {
     }
 
     fn lease_valid(&self) -> bool {
-        self.valid_until
-            .borrow()
-            .is_some_and(|t| Instant::now() < t)
+        super::lease_holds(*self.valid_until.borrow())
     }
 
     /// Keeps the lease alive (granting one when there is none), then acts on
@@ -369,7 +367,7 @@ impl Member {
 }
 
 fn view_of(t: &Topology, busy: u64) -> MemberRecord {
-    let paused = t.paused_until.is_some_and(|u| Instant::now() < u);
+    let paused = t.is_paused();
     MemberRecord {
         epoch: t.epoch.0,
         sees_primary: t.epoch_primary.is_some_and(|id| {

@@ -111,6 +111,16 @@ pub struct PauseRecord {
     pub until_ms: u64,
 }
 
+impl PauseRecord {
+    /// A pause that lasts at most `limit` from now, as stored.
+    fn json_for(limit: Duration) -> String {
+        let pause = PauseRecord {
+            until_ms: unix_ms() + limit.as_millis() as u64,
+        };
+        serde_json::to_string(&pause).expect("serializable")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchoverRequest {
     pub id: String,
@@ -141,6 +151,12 @@ pub struct HistoryEntry {
     /// The switchover request this answers.
     #[serde(default)]
     pub request: Option<String>,
+}
+
+/// Whether a lease whose validity ends at `until` (see the member's
+/// `valid_until`) may still be trusted.
+fn lease_holds(until: Option<std::time::Instant>) -> bool {
+    until.is_some_and(|t| std::time::Instant::now() < t)
 }
 
 pub fn unix_ms() -> u64 {
@@ -297,8 +313,7 @@ impl HaHandle {
     /// Holds new transactions at every proxy (PgBouncer's PAUSE), until
     /// `resume` or `switchover_timeout`, whichever comes first.
     pub async fn pause(&self) -> Result<(), HaError> {
-        let until_ms = unix_ms() + self.settings.switchover_timeout.as_millis() as u64;
-        let json = serde_json::to_string(&PauseRecord { until_ms }).expect("serializable");
+        let json = PauseRecord::json_for(self.settings.switchover_timeout);
         Ok(self
             .store
             .put(&self.settings.keys.pause(), &json, None)
@@ -332,7 +347,6 @@ pub async fn start(
 ) -> (HaHandle, tokio::task::JoinHandle<()>) {
     let settings = Arc::new(settings);
     let (status_tx, status) = watch::channel(HaStatus::default());
-    let applied = topology.changed();
     let task = member::spawn(
         store.clone(),
         settings.clone(),
@@ -341,19 +355,16 @@ pub async fn start(
         status_tx,
         shutdown,
     );
-    if topology.load().epoch_primary.is_none() {
-        let _ = tokio::time::timeout(settings.lease_ttl, async {
-            let mut applied = Box::pin(applied);
-            loop {
-                (&mut applied).await;
-                if topology.load().epoch_primary.is_some() {
-                    return;
-                }
-                applied = Box::pin(topology.changed());
+    let first_epoch = async {
+        loop {
+            let changed = topology.changed();
+            if topology.load().epoch_primary.is_some() {
+                return;
             }
-        })
-        .await;
-    }
+            changed.await;
+        }
+    };
+    let _ = tokio::time::timeout(settings.lease_ttl, first_epoch).await;
     (
         HaHandle {
             store,

@@ -70,6 +70,15 @@ pub enum Health {
     Down,
 }
 
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+}
+
 /// A node as the monitor last saw it. The WAL fields are the last values a
 /// poll returned; they are kept while the node is down (the last known
 /// position matters when choosing whom to promote).
@@ -193,6 +202,18 @@ impl Topology {
 
     pub fn is_fenced(&self, id: NodeId) -> bool {
         self.fenced.contains(&id)
+    }
+
+    /// A switchover holds new transactions now.
+    pub fn is_paused(&self) -> bool {
+        self.paused_until
+            .is_some_and(|u| std::time::Instant::now() < u)
+    }
+
+    /// A connection attached to `node` as the primary no longer is one:
+    /// the epoch names another primary (or none).
+    pub fn lost_its_epoch(&self, node: NodeId, attached_as: Role) -> bool {
+        attached_as == Role::Primary && self.epoch_primary != Some(node)
     }
 
     /// Replicas that are up, lagging or not.

@@ -176,12 +176,9 @@ impl Monitor {
         // Lag is measured against the epoch's primary (a fenced old primary
         // may still be out of recovery); without an epoch, against the one
         // primary, and two give no reference at all.
-        let primary_lsn = match (epoch_primary, &primaries[..]) {
-            (Some(id), _) if primaries.iter().any(|(p, _)| *p == id) => primaries
-                .iter()
-                .find(|(p, _)| *p == id)
-                .and_then(|(_, lsn)| *lsn),
-            (_, [(_, lsn)]) => *lsn,
+        let of_epoch = primaries.iter().find(|(p, _)| Some(*p) == epoch_primary);
+        let primary_lsn = match (of_epoch, &primaries[..]) {
+            (Some((_, lsn)), _) | (None, [(_, lsn)]) => *lsn,
             _ => None,
         };
         let threshold = self.settings.failures_before_down;

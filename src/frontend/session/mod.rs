@@ -313,8 +313,10 @@ impl Session {
     /// the reason, as for a lost server.
     async fn on_new_epoch(&mut self) -> Result<(), ClientError> {
         let demoted = self.server.as_ref().is_some_and(|s| {
-            s.role == Role::Primary
-                && self.shared.topology.load().epoch_primary != Some(s.conn.node)
+            self.shared
+                .topology
+                .load()
+                .lost_its_epoch(s.conn.node, s.role)
         });
         if demoted {
             tracing::warn!("the primary lost its epoch: ending the work on it");

@@ -275,8 +275,7 @@ impl Session {
         self.cancel.set_target(None);
         let node = server.conn.node;
         let topology = self.shared.topology.load();
-        let demoted =
-            server.role == Role::Primary && topology.epoch_primary != Some(server.conn.node);
+        let demoted = topology.lost_its_epoch(server.conn.node, server.role);
         let why = match (&server.fatal, demoted) {
             (_, true) => Some(format!(
                 "it is no longer the primary: topology epoch {} has another",

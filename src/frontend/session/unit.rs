@@ -251,6 +251,10 @@ impl Session {
 /// Holds a new unit of work while a switchover pauses traffic: the client
 /// sees a pause, not an error. The pause carries its own deadline.
 async fn wait_while_paused(topology: crate::topology::SharedTopology) {
+    // The hot path: no pause, no subscription to topology changes.
+    if topology.load().paused_until.is_none() {
+        return;
+    }
     loop {
         let changed = topology.changed();
         let Some(until) = topology.load().paused_until else {
