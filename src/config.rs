@@ -27,7 +27,7 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -45,7 +45,7 @@ pub struct Config {
     pub users: Vec<UserConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     /// PostgreSQL protocol listener.
@@ -100,7 +100,7 @@ impl PoolMode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     pub mode: PoolMode,
@@ -170,7 +170,7 @@ impl ConsistencyMode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     pub consistency: ConsistencyMode,
@@ -203,7 +203,7 @@ impl Default for RoutingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Every node of the cluster; roles are discovered, not configured.
@@ -241,7 +241,7 @@ pub enum CoordinatorLoss {
     Continue,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
     /// etcd endpoints; empty: the embedded single-instance store.
@@ -291,7 +291,7 @@ impl Default for CoordinatorConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub user: Option<String>,
@@ -299,7 +299,7 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -311,6 +311,9 @@ pub struct UserConfig {
     /// This user's sessions start in this mode instead of `routing.consistency`.
     #[serde(default)]
     pub consistency: Option<ConsistencyMode>,
+    /// At most this many clients logged in as this user at once (53300 beyond).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 /// A password or token: its `Debug` never shows it, so no log line can.
@@ -474,6 +477,39 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The keys that differ in `new` but are fixed for the process's life:
+    /// sockets, TLS, the cluster and coordinator wiring, the console login and
+    /// the classifier's setup. A reload that changes one of them is refused
+    /// as a whole, so that what runs is always exactly one file's settings.
+    pub fn fixed_keys_changed(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (self, new);
+        [
+            ("listen.address", a.listen.address != b.listen.address),
+            ("listen.admin", a.listen.admin != b.listen.admin),
+            (
+                "listen.tls_cert/tls_key",
+                (&a.listen.tls_cert, &a.listen.tls_key) != (&b.listen.tls_cert, &b.listen.tls_key),
+            ),
+            (
+                "routing.write_functions",
+                a.routing.write_functions != b.routing.write_functions,
+            ),
+            (
+                "routing.classify_cache_size",
+                a.routing.classify_cache_size != b.routing.classify_cache_size,
+            ),
+            ("cluster", a.cluster != b.cluster),
+            ("coordinator", a.coordinator != b.coordinator),
+            (
+                "admin.user/password",
+                (&a.admin.user, &a.admin.password) != (&b.admin.user, &b.admin.password),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

@@ -17,5 +17,6 @@ pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod topology;

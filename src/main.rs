@@ -83,6 +83,8 @@ enum CtlCommand {
     Pause,
     /// Let transactions flow again.
     Resume,
+    /// Reread the configuration file (as SIGHUP does).
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -124,9 +126,24 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(path: PathBuf) -> Result<(), String> {
-    let config = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let proxy = Proxy::start(config).await.map_err(|e| e.to_string())?;
-    wait_for_stop_signal().await;
+    use tokio::signal::unix::{SignalKind, signal};
+    let proxy = Proxy::start_from_file(&path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let stop = wait_for_stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hangup.recv() => {
+                // reload logs what it changed; a refusal must be seen too.
+                if let Err(e) = proxy.reload() {
+                    tracing::error!(error = %e, "SIGHUP: configuration not reloaded");
+                }
+            }
+        }
+    }
     tracing::info!("stopping: waiting for open transactions");
     proxy.shutdown().await;
     Ok(())
@@ -313,6 +330,7 @@ async fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> Result<()
         }
         CtlCommand::Pause => ("POST", "/pause".to_owned(), Duration::from_secs(10)),
         CtlCommand::Resume => ("POST", "/resume".to_owned(), Duration::from_secs(10)),
+        CtlCommand::Reload => ("POST", "/reload".to_owned(), Duration::from_secs(10)),
     };
     let answer = request(admin, method, &path, token, limit)
         .await

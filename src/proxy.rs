@@ -2,10 +2,12 @@
 //! pools, metrics, and their shutdown.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -19,6 +21,7 @@ use crate::frontend::{Shared, listener, users};
 use crate::ha::{self, HaHandle, HaSettings};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use crate::reload::{self, ReloadError};
 use crate::route::classify::Classifier;
 use crate::route::policy::ReplicaPicker;
 use crate::topology::monitor::{self, MonitorSettings};
@@ -33,6 +36,11 @@ pub enum StartError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("{}: {source}", path.display())]
+    Config {
+        path: PathBuf,
+        source: crate::config::ConfigError,
+    },
 }
 
 /// A running proxy. Dropping it does not stop it; call `shutdown`.
@@ -41,6 +49,7 @@ pub struct Proxy {
     admin_addr: SocketAddr,
     topology: SharedTopology,
     ha: HaHandle,
+    shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -50,6 +59,19 @@ const REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Proxy {
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        Self::start_with(config, None).await
+    }
+
+    /// Starts from a file, which SIGHUP, `RELOAD` and `POST /reload` reread.
+    pub async fn start_from_file(path: &Path) -> Result<Proxy, StartError> {
+        let config = Config::load(path).map_err(|e| StartError::Config {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        Self::start_with(config, Some(path.to_owned())).await
+    }
+
+    async fn start_with(config: Config, file: Option<PathBuf>) -> Result<Proxy, StartError> {
         let addr = config.listen_addr();
         let listener = TcpListener::bind(addr)
             .await
@@ -75,10 +97,11 @@ impl Proxy {
         let metrics = Arc::new(Metrics::new(&config.node_addrs()));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
+        let live = Arc::new(ArcSwap::from_pointee(config.clone()));
         let topology = SharedTopology::new(Topology::unknown(&config.node_addrs()));
         let monitor = monitor::start(
             topology.clone(),
-            MonitorSettings::from_config(&config),
+            MonitorSettings::from_config(&live),
             shutdown_rx.clone(),
         )
         .await;
@@ -96,7 +119,8 @@ impl Proxy {
         .await;
 
         let shared = Arc::new(Shared {
-            users: users::build(&config.users),
+            users: ArcSwap::from_pointee(users::build(&config.users)),
+            client_slots: listener::ClientSlots::new(config.listen.max_clients),
             pools: Pools::new(config.pool.clone(), metrics.clone()),
             topology: topology.clone(),
             classifier: Classifier::new(
@@ -110,7 +134,8 @@ impl Proxy {
             metrics,
             ha: ha.clone(),
             admin: users::admin(&config.admin),
-            config,
+            config: live,
+            config_file: file,
         });
         let reaper = {
             let shared = shared.clone();
@@ -130,13 +155,14 @@ impl Proxy {
             shared.clone(),
             shutdown_rx.clone(),
         ));
-        let listener = tokio::spawn(listener::serve(listener, shared, shutdown_rx));
+        let listener = tokio::spawn(listener::serve(listener, shared.clone(), shutdown_rx));
         tracing::info!(%addr, %admin_addr, "tidepool listening");
         Ok(Proxy {
             addr,
             admin_addr,
             topology,
             ha,
+            shared,
             shutdown,
             tasks: vec![listener, admin, monitor, reaper, member],
         })
@@ -158,6 +184,16 @@ impl Proxy {
 
     pub fn ha(&self) -> &HaHandle {
         &self.ha
+    }
+
+    /// Rereads the configuration file (SIGHUP does this).
+    pub fn reload(&self) -> Result<Vec<&'static str>, ReloadError> {
+        reload::from_file(&self.shared)
+    }
+
+    /// Applies `config` as a reload would.
+    pub fn apply_config(&self, config: Config) -> Result<Vec<&'static str>, ReloadError> {
+        reload::apply(&self.shared, config)
     }
 
     /// Stops accepting, lets open transactions finish (up to

@@ -53,7 +53,11 @@ async fn the_console_shows_nodes_pools_and_config_and_runs_a_switchover() {
     );
     let config = tokio::task::block_in_place(|| psql(&h, "adm", "SHOW CONFIG"));
     let config = String::from_utf8_lossy(&config.stdout);
-    assert!(config.contains("pool.mode|transaction|no"), "{config}");
+    assert!(config.contains("pool.mode|transaction|yes"), "{config}");
+    assert!(
+        config.contains("cluster.admin_user|postgres|no"),
+        "{config}"
+    );
     assert!(
         !config.contains("password") && !config.contains("|adm|") && !config.contains("token"),
         "{config}"
@@ -77,8 +81,9 @@ async fn the_console_shows_nodes_pools_and_config_and_runs_a_switchover() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err), "42601");
+    // Started from a Config value, not a file: there is nothing to reread.
     let err = console.simple_query("RELOAD").await.unwrap_err();
-    assert_eq!(sqlstate(&err), "0A000");
+    assert_eq!(sqlstate(&err), "55000");
     console.simple_query("PAUSE").await.unwrap();
     console.simple_query("RESUME").await.unwrap();
     let to = h.cluster.nodes()[1].addr().to_string();

@@ -416,7 +416,8 @@ async fn reads_that_fall_back_to_the_primary_say_why() {
 async fn guarded_routes_need_the_bearer_token() {
     let serve = |token: Option<&str>| {
         let routes = Router::new().route("/switchover", post(|| async { "done" }));
-        let app = guarded(routes, token.map(Secret::new));
+        let token = token.map(Secret::new);
+        let app = guarded(routes, move || token.clone());
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();

@@ -15,10 +15,25 @@ use crate::topology::Lsn;
 /// The database name that selects the console.
 pub const DATABASE: &str = "tidepool";
 
-/// Answers the client's queries until it leaves.
-pub async fn serve(shared: Arc<Shared>, mut client: ClientConn) -> Result<(), ClientError> {
+/// Answers the client's queries until it leaves or the proxy stops (an
+/// idle console must not hold up a shutdown).
+pub async fn serve(
+    shared: Arc<Shared>,
+    mut client: ClientConn,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ClientError> {
     loop {
-        let Some(frame) = client.read_frame().await? else {
+        let frame = tokio::select! {
+            frame = client.read_frame() => frame?,
+            _ = async { drop(shutdown.wait_for(|&stop| stop).await) } => {
+                if let Some(frame) = ClientError::ShuttingDown.to_frame() {
+                    let _ = client.send(&frame).await;
+                }
+                client.shutdown().await;
+                return Ok(());
+            }
+        };
+        let Some(frame) = frame else {
             return Ok(());
         };
         match frame.tag() {
@@ -84,6 +99,7 @@ async fn answer(shared: &Shared, sql: &str) -> Vec<Frame> {
                 "SHOW CONFIG",
                 "PAUSE",
                 "RESUME",
+                "RELOAD",
                 "SWITCHOVER [TO 'host:port']",
             ]
             .iter()
@@ -122,10 +138,10 @@ async fn answer(shared: &Shared, sql: &str) -> Vec<Frame> {
                 Err(e) => error("55000", &e.to_string()),
             }
         }
-        ["RELOAD"] => error(
-            "0A000",
-            "RELOAD is not supported yet: restart tidepool to change its configuration",
-        ),
+        ["RELOAD"] => match crate::reload::from_file(shared) {
+            Ok(_) => ok("RELOAD"),
+            Err(e) => error("55000", &e.to_string()),
+        },
         ["SHOW", "CLIENTS" | "STATS"] => error(
             "0A000",
             "not supported yet: see the Prometheus metrics at /metrics",
@@ -206,7 +222,7 @@ fn lag(shared: &Shared) -> Vec<Frame> {
 
 fn pools(shared: &Shared) -> Vec<Frame> {
     let t = shared.topology.load();
-    let mode = shared.config.pool.mode.as_str();
+    let mode = shared.config.load().pool.mode.as_str();
     let rows = shared
         .pools
         .statuses()
@@ -242,7 +258,7 @@ fn pools(shared: &Shared) -> Vec<Frame> {
 
 fn databases(shared: &Shared) -> Vec<Frame> {
     let t = shared.topology.load();
-    let c = &shared.config;
+    let c = shared.config.load();
     let rows = t
         .nodes
         .iter()
@@ -261,7 +277,7 @@ fn databases(shared: &Shared) -> Vec<Frame> {
 
 /// The settings that matter at 3 a.m.; never a password or token.
 fn config(shared: &Shared) -> Vec<Frame> {
-    let c = &shared.config;
+    let c = shared.config.load();
     let k = &c.coordinator;
     let etcd = match k.etcd.is_empty() {
         true => "embedded".to_owned(),
@@ -305,7 +321,16 @@ fn config(shared: &Shared) -> Vec<Frame> {
     ];
     let rows = pairs
         .into_iter()
-        .map(|(key, value)| vec![text(key), Some(value), text("no")])
+        .map(|(key, value)| {
+            let live = ["listen.max_clients", "pool.", "routing."]
+                .iter()
+                .any(|prefix| key.starts_with(prefix));
+            vec![
+                text(key),
+                Some(value),
+                text(if live { "yes" } else { "no" }),
+            ]
+        })
         .collect();
     table(&["key", "value", "changeable"], rows)
 }

@@ -40,13 +40,15 @@ pub async fn serve(
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    let token = shared.config.admin.token.clone();
+    let config = shared.config.clone();
     Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/topology", get(topology))
-        .merge(guarded(mutating(), token))
+        .merge(guarded(mutating(), move || {
+            config.load().admin.token.clone()
+        }))
         .with_state(shared)
 }
 
@@ -57,6 +59,7 @@ fn mutating() -> Router<Arc<Shared>> {
         .route("/switchover", post(switchover))
         .route("/pause", post(pause))
         .route("/resume", post(resume))
+        .route("/reload", post(reload))
 }
 
 #[derive(Deserialize)]
@@ -83,6 +86,14 @@ async fn switchover(
     }
 }
 
+/// Rereads the configuration file and applies what may change live.
+async fn reload(State(shared): State<Arc<Shared>>) -> Response {
+    match crate::reload::from_file(&shared) {
+        Ok(changed) => Json(json!({ "reloaded": true, "changed": changed })).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
+}
+
 async fn pause(State(shared): State<Arc<Shared>>) -> Response {
     match shared.ha.pause().await {
         Ok(()) => Json(json!({ "paused": true })).into_response(),
@@ -97,26 +108,27 @@ async fn resume(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// Where the current token comes from: read at each request, so that a
+/// reload can set, change or remove it.
+type TokenSource = Arc<dyn Fn() -> Option<Secret> + Send + Sync>;
+
 /// Puts every route of `routes` behind `Authorization: Bearer <token>`.
 /// Without a configured token they are disabled (403): an open mutating
 /// endpoint is never the default.
 pub fn guarded<S: Clone + Send + Sync + 'static>(
     routes: Router<S>,
-    token: Option<Secret>,
+    token: impl Fn() -> Option<Secret> + Send + Sync + 'static,
 ) -> Router<S> {
     if !routes.has_routes() {
         // axum refuses a route layer on an empty router.
         return routes;
     }
+    let token: TokenSource = Arc::new(token);
     routes.route_layer(middleware::from_fn_with_state(token, require_token))
 }
 
-async fn require_token(
-    State(token): State<Option<Secret>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(token) = token else {
+async fn require_token(State(token): State<TokenSource>, request: Request, next: Next) -> Response {
+    let Some(token) = token() else {
         return error(
             StatusCode::FORBIDDEN,
             "mutating endpoints are disabled: set [admin] token",

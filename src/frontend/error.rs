@@ -24,6 +24,8 @@ pub enum ClientError {
     AuthFailed(String),
     #[error("too many clients already")]
     TooManyClients,
+    #[error("too many connections for role \"{0}\"")]
+    TooManyForUser(String),
     #[error("the proxy is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -90,6 +92,7 @@ impl ClientError {
             ClientError::UnknownUser(_) => fatal("28000", &self.to_string()),
             ClientError::AuthFailed(_) => fatal("28P01", &self.to_string()),
             ClientError::TooManyClients => fatal("53300", "sorry, too many clients already"),
+            ClientError::TooManyForUser(_) => fatal("53300", &self.to_string()),
             ClientError::ShuttingDown => fatal(
                 "57P01",
                 "terminating connection due to administrator command",

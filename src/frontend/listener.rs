@@ -1,11 +1,11 @@
 //! The accept loop: a bounded number of clients, one task each, and a
 //! graceful stop that lets open transactions finish.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
 use tokio::task::JoinSet;
 
 use super::Shared;
@@ -16,7 +16,6 @@ pub async fn serve(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(shared.config.listen.max_clients));
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
@@ -31,7 +30,7 @@ pub async fn serve(
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                match limit.clone().try_acquire_owned() {
+                match shared.client_slots.try_acquire() {
                     Ok(permit) => {
                         let shared = shared.clone();
                         let shutdown = shutdown.clone();
@@ -51,7 +50,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let deadline = shared.config.listen.shutdown_timeout;
+    let deadline = shared.config.load().listen.shutdown_timeout;
     let drained = tokio::time::timeout(deadline, async {
         while sessions.join_next().await.is_some() {}
     })
@@ -62,6 +61,49 @@ pub async fn serve(
             "shutdown deadline passed, closing remaining clients"
         );
         sessions.abort_all();
+    }
+}
+
+/// `listen.max_clients`, resizable by a reload without touching the clients
+/// already in.
+pub struct ClientSlots {
+    semaphore: Arc<Semaphore>,
+    max: Mutex<usize>,
+}
+
+impl ClientSlots {
+    pub fn new(max: usize) -> ClientSlots {
+        ClientSlots {
+            semaphore: Arc::new(Semaphore::new(max)),
+            max: Mutex::new(max),
+        }
+    }
+
+    fn try_acquire(&self) -> Result<OwnedSemaphorePermit, TryAcquireError> {
+        self.semaphore.clone().try_acquire_owned()
+    }
+
+    /// A smaller limit takes effect as clients leave: the slots over it are
+    /// taken out of circulation once they are free, nobody is disconnected.
+    pub fn resize(&self, max: usize) {
+        let mut current = self.max.lock().expect("client slots lock");
+        if max > *current {
+            self.semaphore.add_permits(max - *current);
+        } else if max < *current {
+            let fewer = *current - max;
+            let now = self.semaphore.forget_permits(fewer);
+            if let Ok(later) = u32::try_from(fewer - now)
+                && later > 0
+            {
+                let semaphore = self.semaphore.clone();
+                tokio::spawn(async move {
+                    if let Ok(permits) = semaphore.acquire_many_owned(later).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        *current = max;
     }
 }
 

@@ -11,6 +11,7 @@ pub mod users;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -32,8 +33,12 @@ use crate::topology::SharedTopology;
 
 /// What every session shares: configuration, pools, topology, routing state.
 pub struct Shared {
-    pub config: Config,
-    pub users: Users,
+    /// Swapped whole by a reload; sessions read what they need when they need it.
+    pub config: Arc<ArcSwap<Config>>,
+    /// The file a reload reads (none when started from a `Config` value).
+    pub config_file: Option<std::path::PathBuf>,
+    pub users: ArcSwap<Users>,
+    pub client_slots: listener::ClientSlots,
     pub pools: Pools,
     pub topology: SharedTopology,
     pub classifier: Classifier,
@@ -91,14 +96,15 @@ async fn start_session(
     tcp: TcpStream,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
-    let startup_timeout = shared.config.listen.startup_timeout;
+    let config = shared.config.load_full();
+    let startup_timeout = config.listen.startup_timeout;
     let opened = tokio::time::timeout(
         startup_timeout,
         handshake::open(
             tcp,
             shared.tls.as_ref(),
             &shared.cancels,
-            shared.config.listen.max_message_size,
+            config.listen.max_message_size,
             shared.metrics.client_errors(),
         ),
     )
@@ -134,22 +140,27 @@ async fn start_session(
             .send(&backend::ready_for_query(TxStatus::Idle))
             .await?;
         client.flush().await?;
-        return crate::admin::console::serve(shared.clone(), client).await;
+        return crate::admin::console::serve(shared.clone(), client, shutdown).await;
     }
     let login = tokio::time::timeout(startup_timeout, async {
-        let (user, database) = handshake::find_user(&shared.users, &startup)?;
+        let users = shared.users.load();
+        let (user, database) = handshake::find_user(&users, &startup)?;
         let user = user.clone();
+        drop(users);
         tracing::Span::current().record("user", user.name.as_str());
         tracing::Span::current().record("db", database.as_str());
         handshake::authenticate(&mut client, &user).await?;
+        let slot = user
+            .take_slot()
+            .ok_or_else(|| ClientError::TooManyForUser(user.name.clone()))?;
         let wanted = session::startup_params(&startup.params);
         let (params, kept) = server_parameters(shared, &user, &database, &wanted).await?;
-        Ok::<_, ClientError>((user, database, params, wanted, kept))
+        Ok::<_, ClientError>((user, slot, database, params, wanted, kept))
     })
     .await
     .map_err(|_| ClientError::StartupTimeout)
     .and_then(|r| r);
-    let (user, database, params, wanted, kept) = match login {
+    let (user, _slot, database, params, wanted, kept) = match login {
         Ok(login) => login,
         Err(e) => return refuse(client, e).await,
     };
@@ -168,15 +179,14 @@ async fn start_session(
         .send(&backend::ready_for_query(TxStatus::Idle))
         .await?;
     client.flush().await?;
-    let consistency = user
-        .consistency
-        .unwrap_or(shared.config.routing.consistency);
+    let consistency = user.consistency.unwrap_or(config.routing.consistency);
     let setup = session::SessionSetup {
         user,
         database,
         cancel,
         params: wanted,
         mode: consistency,
+        pool_mode: config.pool.mode,
         attached: kept,
     };
     session::Session::new(shared.clone(), client, setup, shutdown)
@@ -246,7 +256,7 @@ async fn server_parameters(
         match shared.pools.checkout(&key, addr, &user.password).await {
             Ok(mut conn) => {
                 if let Some(sql) = session::sync_sql(wanted, &conn.applied) {
-                    let timeout = shared.config.pool.connect_timeout;
+                    let timeout = shared.config.load().pool.connect_timeout;
                     if let Err(e) = conn.execute(&sql, timeout).await {
                         conn.clean = false;
                         return Err(
@@ -256,7 +266,7 @@ async fn server_parameters(
                     conn.applied = wanted.clone();
                 }
                 let params = conn.params.clone();
-                let keep = shared.config.pool.mode == PoolMode::Session
+                let keep = shared.config.load().pool.mode == PoolMode::Session
                     && shared
                         .topology
                         .load()

@@ -1,21 +1,23 @@
 //! deadpool glue: how to make, check and retire a server connection.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 
 use super::server::{Login, ServerConnection, ServerError};
+use crate::config::PoolConfig;
 use crate::topology::NodeId;
 
 pub struct ServerManager {
     pub node: NodeId,
     pub addr: SocketAddr,
     pub login: Login,
-    pub connect_timeout: Duration,
-    pub max_lifetime: Duration,
-    pub health_check_after: Duration,
-    pub prepared_cap: usize,
+    /// Shared by every pool and read at each use, so that a reload applies
+    /// to the connections already pooled.
+    pub settings: Arc<ArcSwap<PoolConfig>>,
 }
 
 impl deadpool::managed::Manager for ServerManager {
@@ -23,9 +25,15 @@ impl deadpool::managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConnection, ServerError> {
+        let settings = self.settings.load_full();
         tokio::time::timeout(
-            self.connect_timeout,
-            ServerConnection::connect(self.node, self.addr, &self.login, self.prepared_cap),
+            settings.connect_timeout,
+            ServerConnection::connect(
+                self.node,
+                self.addr,
+                &self.login,
+                settings.prepared_statements_cap,
+            ),
         )
         .await
         .map_err(|_| ServerError::Timeout)?
@@ -36,17 +44,18 @@ impl deadpool::managed::Manager for ServerManager {
         conn: &mut ServerConnection,
         metrics: &Metrics,
     ) -> RecycleResult<ServerError> {
+        let settings = self.settings.load_full();
         if !conn.clean {
             return Err(RecycleError::message("returned mid-transaction"));
         }
-        if metrics.age() > self.max_lifetime {
+        if metrics.age() > settings.max_lifetime {
             return Err(RecycleError::message("past max_lifetime"));
         }
         // A connection that sat idle may have been closed under us (server
         // restart, idle timeout, network): check it rather than hand it to a
         // client that would see the failure.
-        if metrics.last_used() > self.health_check_after {
-            conn.check(self.connect_timeout)
+        if metrics.last_used() > settings.health_check_after {
+            conn.check(settings.connect_timeout)
                 .await
                 .map_err(RecycleError::Backend)?;
         }

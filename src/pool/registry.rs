@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use deadpool::Runtime;
-use deadpool::managed::{Pool, PoolError};
+use deadpool::managed::{Pool, PoolError, Timeouts};
 
 use super::Checkout;
 use super::manager::ServerManager;
@@ -40,7 +41,7 @@ pub enum CheckoutError {
 pub struct PoolHandle {
     pool: Pool<ServerManager>,
     addr: SocketAddr,
-    checkout_timeout: Duration,
+    settings: Arc<ArcSwap<PoolConfig>>,
     /// Resolved once per handle: a checkout records without a label lookup.
     wait_seconds: Option<prometheus::Histogram>,
 }
@@ -50,13 +51,21 @@ impl PoolHandle {
     pub async fn checkout(&self) -> Result<Checkout, CheckoutError> {
         let addr = self.addr;
         let started = Instant::now();
-        let result = self.pool.get().await;
+        let settings = self.settings.load();
+        let checkout_timeout = settings.checkout_timeout;
+        let timeouts = Timeouts {
+            wait: Some(checkout_timeout),
+            create: Some(settings.connect_timeout),
+            recycle: Some(settings.connect_timeout),
+        };
+        drop(settings);
+        let result = self.pool.timeout_get(&timeouts).await;
         if let Some(histogram) = &self.wait_seconds {
             histogram.observe(started.elapsed().as_secs_f64());
         }
         result.map_err(|e| match e {
             PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
-                CheckoutError::Exhausted(self.checkout_timeout)
+                CheckoutError::Exhausted(checkout_timeout)
             }
             PoolError::Timeout(_) => CheckoutError::Connect {
                 addr,
@@ -69,7 +78,7 @@ impl PoolHandle {
 }
 
 pub struct Pools {
-    settings: PoolConfig,
+    settings: Arc<ArcSwap<PoolConfig>>,
     pools: Mutex<HashMap<PoolKey, Pool<ServerManager>>>,
     metrics: Arc<Metrics>,
 }
@@ -77,7 +86,7 @@ pub struct Pools {
 impl Pools {
     pub fn new(settings: PoolConfig, metrics: Arc<Metrics>) -> Pools {
         Pools {
-            settings,
+            settings: Arc::new(ArcSwap::from_pointee(settings)),
             pools: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -85,7 +94,11 @@ impl Pools {
 
     fn pool(&self, key: &PoolKey, addr: SocketAddr, password: &Secret) -> Pool<ServerManager> {
         let mut pools = self.pools.lock().expect("pool map lock");
-        if let Some(pool) = pools.get(key) {
+        // A user whose password a reload changed gets a new pool: the old
+        // one's connections stay with the sessions that hold them and close.
+        if let Some(pool) = pools.get(key)
+            && pool.manager().login.password == *password
+        {
             return pool.clone();
         }
         let manager = ServerManager {
@@ -96,19 +109,13 @@ impl Pools {
                 password: password.clone(),
                 database: key.database.clone(),
             },
-            connect_timeout: self.settings.connect_timeout,
-            max_lifetime: self.settings.max_lifetime,
-            health_check_after: self.settings.health_check_after,
-            prepared_cap: self.settings.prepared_statements_cap,
+            settings: self.settings.clone(),
         };
         let pool = Pool::builder(manager)
-            .max_size(self.settings.size)
+            .max_size(self.settings.load().size)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(self.settings.checkout_timeout))
-            .create_timeout(Some(self.settings.connect_timeout))
-            .recycle_timeout(Some(self.settings.connect_timeout))
             .build()
-            .expect("runtime and timeouts are set");
+            .expect("the runtime is set");
         pools.insert(key.clone(), pool.clone());
         pool
     }
@@ -119,7 +126,7 @@ impl Pools {
         PoolHandle {
             pool: self.pool(key, addr, password),
             addr,
-            checkout_timeout: self.settings.checkout_timeout,
+            settings: self.settings.clone(),
             wait_seconds: self.metrics.checkout_seconds(key.node),
         }
     }
@@ -152,10 +159,21 @@ impl Pools {
             .values()
             .cloned()
             .collect();
+        let settings = self.settings.load();
         for pool in pools {
             pool.retain(|_, m| {
-                m.last_used() < self.settings.idle_timeout && m.age() < self.settings.max_lifetime
+                m.last_used() < settings.idle_timeout && m.age() < settings.max_lifetime
             });
+        }
+    }
+
+    /// New pool settings from a reload: sizes change at once (a smaller
+    /// pool shrinks as connections come back), timeouts at the next use.
+    pub fn apply(&self, settings: PoolConfig) {
+        let size = settings.size;
+        self.settings.store(Arc::new(settings));
+        for pool in self.pools.lock().expect("pool map lock").values() {
+            pool.resize(size);
         }
     }
 

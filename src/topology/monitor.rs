@@ -1,7 +1,10 @@
 //! Polls every node for its role, health and WAL positions, and publishes
 //! one new topology snapshot per poll round that changed anything.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use tokio::sync::watch;
 
@@ -23,12 +26,13 @@ pub struct MonitorSettings {
     /// Consecutive failed polls before a node is marked down: one lost packet
     /// should not take a node out of rotation.
     pub failures_before_down: u32,
-    pub max_replica_lag: Duration,
-    pub max_replica_lag_bytes: u64,
+    /// The lag limits are read from here at each round: a reload changes them.
+    pub live: Arc<ArcSwap<Config>>,
 }
 
 impl MonitorSettings {
-    pub fn from_config(config: &Config) -> MonitorSettings {
+    pub fn from_config(live: &Arc<ArcSwap<Config>>) -> MonitorSettings {
+        let config = live.load();
         MonitorSettings {
             admin_user: config.cluster.admin_user.clone(),
             admin_password: config.cluster.admin_password.clone(),
@@ -36,15 +40,15 @@ impl MonitorSettings {
             poll_timeout: config.cluster.poll_timeout,
             connect_timeout: config.pool.connect_timeout,
             failures_before_down: config.cluster.failures_before_down,
-            max_replica_lag: config.routing.max_replica_lag,
-            max_replica_lag_bytes: config.routing.max_replica_lag_bytes,
+            live: live.clone(),
         }
     }
 
     fn limits(&self) -> Limits {
+        let routing = &self.live.load().routing;
         Limits {
-            max_bytes: self.max_replica_lag_bytes,
-            max_time: self.max_replica_lag,
+            max_bytes: routing.max_replica_lag_bytes,
+            max_time: routing.max_replica_lag,
         }
     }
 }

@@ -44,6 +44,28 @@ impl Harness {
         }
     }
 
+    /// Like `start`, with the proxy started from a TOML file (returned) so
+    /// that reloads have something to reread.
+    pub async fn start_from_file(extra: &str) -> (Harness, std::path::PathBuf) {
+        let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterSpec::default()))
+            .await
+            .unwrap()
+            .expect("cluster starts");
+        let path = cluster.dir().join("tidepool.toml");
+        std::fs::write(&path, demo::config_toml(&cluster, "127.0.0.1:0", extra)).unwrap();
+        let proxy = Proxy::start_from_file(&path).await.expect("proxy starts");
+        let harness = Harness {
+            cluster,
+            proxy: Some(proxy),
+        };
+        (harness, path)
+    }
+
+    /// Rewrites the configuration file with `extra` in place of the original.
+    pub fn rewrite_config(&self, path: &std::path::Path, extra: &str) {
+        std::fs::write(path, demo::config_toml(&self.cluster, "127.0.0.1:0", extra)).unwrap();
+    }
+
     pub fn proxy(&self) -> &Proxy {
         self.proxy.as_ref().expect("running")
     }

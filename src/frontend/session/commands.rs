@@ -50,7 +50,7 @@ impl Session {
                     None => self
                         .user
                         .consistency
-                        .unwrap_or(self.shared.config.routing.consistency),
+                        .unwrap_or(self.shared.config.load().routing.consistency),
                     Some(v) => ConsistencyMode::parse(v).ok_or_else(|| {
                         invalid("eventual, read_your_writes, monotonic or strong")
                     })?,
@@ -104,7 +104,7 @@ impl Session {
                     format!(
                         "{}: replica checked against floor {floor_text} before reading, else primary after {:?}",
                         mode.as_str(),
-                        self.shared.config.routing.ryw_wait
+                        self.shared.config.load().routing.ryw_wait
                     ),
                 ),
                 None => (

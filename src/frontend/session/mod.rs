@@ -51,6 +51,8 @@ pub struct SessionSetup {
     /// Its startup parameters, as SQL values.
     pub params: Params,
     pub mode: ConsistencyMode,
+    /// Fixed for the session's life: a reload changes it for new clients.
+    pub pool_mode: PoolMode,
     /// Session mode: the primary connection checked out at startup, kept.
     pub attached: Option<Checkout>,
 }
@@ -145,6 +147,7 @@ pub struct Session {
     /// Held on its server connection for good (transaction mode only).
     pinned: Option<PinReason>,
     consistency: Consistency,
+    pool_mode: PoolMode,
     /// New topology epochs: a transaction on a primary that lost its epoch
     /// is ended at once, not left to write to a fenced node.
     epochs: tokio::sync::watch::Receiver<crate::topology::Epoch>,
@@ -190,6 +193,7 @@ impl Session {
             cancel,
             params,
             mode,
+            pool_mode,
             attached,
         } = setup;
         let epochs = shared.topology.epochs();
@@ -229,6 +233,7 @@ impl Session {
             last_command: None,
             pinned: None,
             consistency: Consistency::new(mode),
+            pool_mode,
             epochs,
             unit_writes: false,
             unit_copies: false,
@@ -325,7 +330,7 @@ impl Session {
         Ok(())
     }
     fn mode(&self) -> PoolMode {
-        self.shared.config.pool.mode
+        self.pool_mode
     }
     fn is_between_transactions(&self) -> bool {
         self.pending.is_empty()
@@ -540,7 +545,10 @@ impl Session {
         if self.mode() == PoolMode::Session || self.pinned.is_some() {
             let reset = server
                 .conn
-                .execute("DISCARD ALL", self.shared.config.pool.connect_timeout)
+                .execute(
+                    "DISCARD ALL",
+                    self.shared.config.load().pool.connect_timeout,
+                )
                 .await;
             server.conn.prepared.clear();
             server.conn.applied.clear();

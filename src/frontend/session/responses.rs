@@ -211,7 +211,7 @@ impl Session {
             return Ok(());
         };
         let started = std::time::Instant::now();
-        let deadline = started + self.shared.config.routing.ryw_wait;
+        let deadline = started + self.shared.config.load().routing.ryw_wait;
         // A question cut short by the deadline leaves its answer on the way:
         // such a connection must not go back to the pool, where the next
         // client would read that answer as its own.
