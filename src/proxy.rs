@@ -129,6 +129,7 @@ impl Proxy {
             ),
             picker: ReplicaPicker::default(),
             cancels: CancelRegistry::default(),
+            stats: Default::default(),
             tls,
             busy,
             metrics,

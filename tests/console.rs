@@ -96,3 +96,105 @@ async fn the_console_shows_nodes_pools_and_config_and_runs_a_switchover() {
         common::simple_value(&app, "/* tidepool: primary */ select inet_server_port()").await;
     assert_eq!(port, h.cluster.nodes()[1].port.to_string());
 }
+
+/// Rows of a console command as column-name → value maps.
+async fn show(
+    console: &tokio_postgres::Client,
+    command: &str,
+) -> Vec<std::collections::HashMap<String, String>> {
+    console
+        .simple_query(command)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn show_clients_servers_and_stats_follow_a_transaction() {
+    let h = Harness::start(ADMIN).await;
+    let app = common::connect(&format!(
+        "{} application_name=showme",
+        h.url("app", "app", "postgres")
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("create table s (x int)").await.unwrap();
+    app.batch_execute("begin").await.unwrap();
+    let pid =
+        common::simple_value(&app, "insert into s values (1) returning pg_backend_pid()").await;
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user=tidepool password=adm dbname=tidepool",
+        h.port()
+    ))
+    .await
+    .unwrap();
+
+    // The server connection in the transaction is listed, active, linked to
+    // the client, which is listed active and linked back to it.
+    let servers = show(&console, "SHOW SERVERS").await;
+    let server = servers
+        .iter()
+        .find(|s| s["remote_pid"] == pid)
+        .unwrap_or_else(|| panic!("backend {pid} in {servers:?}"));
+    assert_eq!(server["type"], "S");
+    assert_eq!(server["state"], "active");
+    assert_eq!(server["port"], h.primary_port().to_string());
+    assert_eq!(
+        (server["user"].as_str(), server["database"].as_str()),
+        ("app", "postgres")
+    );
+    let clients = show(&console, "SHOW CLIENTS").await;
+    let client = clients
+        .iter()
+        .find(|c| c["application_name"] == "showme")
+        .unwrap_or_else(|| panic!("the app in {clients:?}"));
+    assert_eq!(client["state"], "active");
+    assert_eq!(client["link"], server["ptr"]);
+    assert_eq!(server["link"], client["ptr"]);
+    assert_eq!(client["addr"], "127.0.0.1");
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["user"] == "tidepool" && c["database"] == "tidepool")
+    );
+
+    // Committed: the server goes back to the pool idle, the client unlinked.
+    app.batch_execute("commit").await.unwrap();
+    let servers = show(&console, "SHOW SERVERS").await;
+    let server = servers.iter().find(|s| s["remote_pid"] == pid).unwrap();
+    assert_eq!(
+        (server["state"].as_str(), server["link"].as_str()),
+        ("idle", "")
+    );
+    let clients = show(&console, "SHOW CLIENTS").await;
+    let client = clients
+        .iter()
+        .find(|c| c["application_name"] == "showme")
+        .unwrap();
+    assert_eq!(
+        (client["state"].as_str(), client["link"].as_str()),
+        ("idle", "")
+    );
+
+    let stats = show(&console, "SHOW STATS").await;
+    let db = stats
+        .iter()
+        .find(|s| s["database"] == "postgres")
+        .unwrap_or_else(|| panic!("postgres in {stats:?}"));
+    let n = |column: &str| db[column].parse::<u64>().unwrap();
+    assert!(n("total_xact_count") >= 2, "{db:?}");
+    assert!(n("total_query_count") >= 4, "{db:?}");
+    assert!(n("total_received") > 0 && n("total_sent") > 0, "{db:?}");
+    assert!(n("total_xact_time") > 0, "{db:?}");
+}

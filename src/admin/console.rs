@@ -85,7 +85,9 @@ async fn answer(shared: &Shared, sql: &str) -> Vec<Frame> {
         ["SHOW", "NODES"] => nodes(shared),
         ["SHOW", "LAG"] => lag(shared),
         ["SHOW", "POOLS"] => pools(shared),
-        ["SHOW", "SERVERS"] => pools(shared),
+        ["SHOW", "SERVERS"] => servers(shared),
+        ["SHOW", "CLIENTS"] => clients(shared),
+        ["SHOW", "STATS"] => stats(shared),
         ["SHOW", "DATABASES"] => databases(shared),
         ["SHOW", "CONFIG"] => config(shared),
         ["SHOW", "HELP"] => table(
@@ -95,6 +97,8 @@ async fn answer(shared: &Shared, sql: &str) -> Vec<Frame> {
                 "SHOW LAG",
                 "SHOW POOLS",
                 "SHOW SERVERS",
+                "SHOW CLIENTS",
+                "SHOW STATS",
                 "SHOW DATABASES",
                 "SHOW CONFIG",
                 "PAUSE",
@@ -142,10 +146,6 @@ async fn answer(shared: &Shared, sql: &str) -> Vec<Frame> {
             Ok(_) => ok("RELOAD"),
             Err(e) => error("55000", &e.to_string()),
         },
-        ["SHOW", "CLIENTS" | "STATS"] => error(
-            "0A000",
-            "not supported yet: see the Prometheus metrics at /metrics",
-        ),
         _ => error(
             "42601",
             &format!("unknown admin console command {sql:?}: try SHOW HELP"),
@@ -251,6 +251,149 @@ fn pools(shared: &Shared) -> Vec<Frame> {
             "sv_idle",
             "pool_size",
             "pool_mode",
+        ],
+        rows,
+    )
+}
+
+/// PgBouncer's columns for SHOW CLIENTS and SHOW SERVERS. `ptr` is a
+/// client's cancel-key pid or a server's backend pid, in hex, and `link`
+/// the `ptr` of the other side, so the two lists join as PgBouncer's do.
+const CONNECTION_COLUMNS: [&str; 18] = [
+    "type",
+    "user",
+    "database",
+    "state",
+    "addr",
+    "port",
+    "local_addr",
+    "local_port",
+    "connect_time",
+    "request_time",
+    "wait",
+    "wait_us",
+    "close_needed",
+    "ptr",
+    "link",
+    "remote_pid",
+    "tls",
+    "application_name",
+];
+
+fn time(t: std::time::SystemTime) -> Option<String> {
+    Some(humantime::format_rfc3339_seconds(t).to_string())
+}
+
+fn ptr(pid: i32) -> Option<String> {
+    Some(format!("{pid:x}"))
+}
+
+fn clients(shared: &Shared) -> Vec<Frame> {
+    let rows = shared
+        .cancels
+        .clients()
+        .into_iter()
+        .map(|c| {
+            let local = c.info.local;
+            vec![
+                text("C"),
+                text(&c.info.user),
+                text(&c.info.database),
+                text(c.state.as_str()),
+                text(c.info.addr.ip()),
+                text(c.info.addr.port()),
+                local.map(|l| l.ip().to_string()),
+                local.map(|l| l.port().to_string()),
+                time(c.info.connected_at),
+                c.request_at.and_then(time),
+                text(c.waiting.as_secs()),
+                text(c.waiting.subsec_micros()),
+                text(0),
+                ptr(c.pid),
+                c.server.and_then(|(_, key)| ptr(key.pid)),
+                text(0),
+                text(if c.info.tls { "TLS" } else { "" }),
+                text(&c.info.application_name),
+            ]
+        })
+        .collect();
+    table(&CONNECTION_COLUMNS, rows)
+}
+
+fn servers(shared: &Shared) -> Vec<Frame> {
+    let clients = shared.cancels.clients();
+    let rows = shared
+        .pools
+        .servers
+        .snapshot()
+        .into_iter()
+        .map(|s| {
+            let client = clients.iter().find(|c| c.server == Some((s.addr, s.key)));
+            vec![
+                text("S"),
+                text(&s.user),
+                text(&s.database),
+                text(if client.is_some() { "active" } else { "idle" }),
+                text(s.addr.ip()),
+                text(s.addr.port()),
+                s.local.map(|l| l.ip().to_string()),
+                s.local.map(|l| l.port().to_string()),
+                time(s.connected_at),
+                client.and_then(|c| c.request_at).and_then(time),
+                text(0),
+                text(0),
+                text(0),
+                ptr(s.key.pid),
+                client.and_then(|c| ptr(c.pid)),
+                text(s.key.pid),
+                text(""),
+                text("tidepool"),
+            ]
+        })
+        .collect();
+    table(&CONNECTION_COLUMNS, rows)
+}
+
+fn stats(shared: &Shared) -> Vec<Frame> {
+    let rows = shared
+        .stats
+        .rows()
+        .into_iter()
+        .map(|r| {
+            let seconds = r.uptime.as_secs().max(1);
+            let per_xact = |total: u64| total.checked_div(r.xacts).unwrap_or(0);
+            vec![
+                text(&r.database),
+                text(r.xacts),
+                text(r.queries),
+                text(r.received),
+                text(r.sent),
+                text(r.xact_us),
+                text(r.wait_us),
+                text(r.xacts / seconds),
+                text(r.queries / seconds),
+                text(r.received / seconds),
+                text(r.sent / seconds),
+                text(per_xact(r.xact_us)),
+                text(per_xact(r.wait_us)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "database",
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_xact_time",
+            "total_wait_time",
+            "avg_xact_count",
+            "avg_query_count",
+            "avg_recv",
+            "avg_sent",
+            "avg_xact_time",
+            "avg_wait_time",
         ],
         rows,
     )

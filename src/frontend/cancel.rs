@@ -1,9 +1,12 @@
 //! Cancel keys: the proxy hands each client its own key and remembers which
-//! server connection, if any, is serving that client right now.
+//! server connection, if any, is serving that client right now. That makes
+//! this registry the one place that knows every client from outside its
+//! session, so SHOW CLIENTS reads it too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
@@ -12,10 +15,55 @@ use tokio::net::TcpStream;
 use crate::protocol::backend::BackendKey;
 use crate::protocol::startup;
 
+/// Who a client is, fixed at login.
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub application_name: String,
+    pub tls: bool,
+    pub connected_at: SystemTime,
+}
+
+/// PgBouncer's client states: linked to a server, between transactions, or
+/// waiting for a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    Active,
+    Idle,
+    Waiting,
+}
+
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Active => "active",
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+        }
+    }
+}
+
 struct Entry {
     secret: i32,
     /// The server connection currently serving the client.
     target: Option<(SocketAddr, BackendKey)>,
+    info: Arc<ClientInfo>,
+    state: ClientState,
+    /// When the client last got a server (PgBouncer's request_time).
+    request_at: Option<SystemTime>,
+    waiting_since: Option<Instant>,
+}
+
+/// One client as SHOW CLIENTS lists it.
+pub struct ClientView {
+    pub pid: i32,
+    pub info: Arc<ClientInfo>,
+    pub state: ClientState,
+    pub request_at: Option<SystemTime>,
+    pub waiting: Duration,
+    pub server: Option<(SocketAddr, BackendKey)>,
 }
 
 #[derive(Clone, Default)]
@@ -32,7 +80,7 @@ pub struct CancelHandle {
 impl CancelRegistry {
     /// A new key, with `pid` when one is wanted and free (session mode: the
     /// server backend's own pid), else a random one.
-    pub fn register(&self, pid: Option<i32>) -> CancelHandle {
+    pub fn register(&self, pid: Option<i32>, info: Arc<ClientInfo>) -> CancelHandle {
         let mut rng = rand::thread_rng();
         let mut entries = self.entries.lock().expect("cancel lock");
         let mut wanted = pid;
@@ -50,12 +98,34 @@ impl CancelRegistry {
             Entry {
                 secret: key.secret,
                 target: None,
+                info,
+                state: ClientState::Idle,
+                request_at: None,
+                waiting_since: None,
             },
         );
         CancelHandle {
             registry: self.clone(),
             key,
         }
+    }
+
+    /// Every registered client, for SHOW CLIENTS.
+    pub fn clients(&self) -> Vec<ClientView> {
+        let entries = self.entries.lock().expect("cancel lock");
+        let mut views: Vec<ClientView> = entries
+            .iter()
+            .map(|(&pid, e)| ClientView {
+                pid,
+                info: e.info.clone(),
+                state: e.state,
+                request_at: e.request_at,
+                waiting: e.waiting_since.map(|w| w.elapsed()).unwrap_or_default(),
+                server: e.target,
+            })
+            .collect();
+        views.sort_by_key(|v| v.info.connected_at);
+        views
     }
 
     /// Forwards a client's CancelRequest to the server connection serving it.
@@ -83,7 +153,30 @@ impl CancelRegistry {
 }
 
 impl CancelHandle {
+    /// The server now serving the client (`None`: back between transactions).
     pub fn set_target(&self, target: Option<(SocketAddr, BackendKey)>) {
+        self.update(|entry| {
+            entry.target = target;
+            entry.waiting_since = None;
+            entry.state = match target {
+                Some(_) => {
+                    entry.request_at = Some(SystemTime::now());
+                    ClientState::Active
+                }
+                None => ClientState::Idle,
+            };
+        });
+    }
+
+    /// The client waits for a server connection.
+    pub fn set_waiting(&self) {
+        self.update(|entry| {
+            entry.state = ClientState::Waiting;
+            entry.waiting_since = Some(Instant::now());
+        });
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Entry)) {
         if let Some(entry) = self
             .registry
             .entries
@@ -91,7 +184,7 @@ impl CancelHandle {
             .expect("cancel lock")
             .get_mut(&self.key.pid)
         {
-            entry.target = target;
+            change(entry);
         }
     }
 }

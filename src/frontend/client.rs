@@ -1,8 +1,11 @@
 //! A client's byte stream (plain or TLS) with read and write buffers.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::stats::DatabaseStats;
 use crate::metrics::ClientErrors;
 use crate::protocol::backend::{self, ErrorFields};
 use crate::protocol::{Frame, ProtocolError, frame};
@@ -22,6 +25,8 @@ pub struct ClientConn {
     max_message: usize,
     /// Every message a client is sent passes here, so errors are counted here.
     errors: ClientErrors,
+    /// Bytes in and out, counted for SHOW STATS once the database is known.
+    stats: Option<Arc<DatabaseStats>>,
 }
 
 impl ClientConn {
@@ -32,7 +37,13 @@ impl ClientConn {
             write_buf: BytesMut::with_capacity(8 * 1024),
             max_message,
             errors,
+            stats: None,
         }
+    }
+
+    /// From now on, bytes read and written count toward `stats`.
+    pub fn count_into(&mut self, stats: Arc<DatabaseStats>) {
+        self.stats = Some(stats);
     }
 
     /// Reads more bytes; 0 means the client closed the connection.
@@ -41,7 +52,11 @@ impl ClientConn {
         if self.read_buf.capacity() - self.read_buf.len() < 4096 {
             self.read_buf.reserve(8 * 1024);
         }
-        self.io.read_buf(&mut self.read_buf).await
+        let n = self.io.read_buf(&mut self.read_buf).await?;
+        if let Some(stats) = &self.stats {
+            stats.received(n);
+        }
+        Ok(n)
     }
 
     /// The next complete message already received, if any.
@@ -83,6 +98,9 @@ impl ClientConn {
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.write_buf.is_empty() {
             self.io.write_all(&self.write_buf).await?;
+            if let Some(stats) = &self.stats {
+                stats.sent(self.write_buf.len());
+            }
             self.write_buf.clear();
         }
         self.io.flush().await

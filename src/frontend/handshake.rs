@@ -23,6 +23,7 @@ pub enum Opened {
     Startup {
         client: ClientConn,
         startup: StartupMessage,
+        tls: bool,
     },
     /// A cancel request: answered (by closing) once forwarded.
     Cancelled,
@@ -45,12 +46,12 @@ pub async fn open(
             loop {
                 let packet = next_packet(&mut io).await?;
                 if let Some(opened) = answer(packet, &mut io, cancels).await? {
-                    return finish(opened, Box::new(io), max_message, errors).await;
+                    return finish(opened, Box::new(io), true, max_message, errors).await;
                 }
             }
         }
         if let Some(opened) = answer(packet, &mut tcp, cancels).await? {
-            return finish(opened, Box::new(tcp), max_message, errors).await;
+            return finish(opened, Box::new(tcp), false, max_message, errors).await;
         }
     }
 }
@@ -82,6 +83,7 @@ async fn answer(
 async fn finish(
     answered: Answered,
     io: Box<dyn ClientIo>,
+    tls: bool,
     max_message: usize,
     errors: ClientErrors,
 ) -> Result<Opened, ClientError> {
@@ -101,7 +103,11 @@ async fn finish(
             .send(&startup::negotiate_protocol_version(&options))
             .await?;
     }
-    Ok(Opened::Startup { client, startup })
+    Ok(Opened::Startup {
+        client,
+        startup,
+        tls,
+    })
 }
 
 /// The next startup-phase packet; a bad one is answered with the error

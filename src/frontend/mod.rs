@@ -6,6 +6,7 @@ pub mod error;
 pub mod handshake;
 pub mod listener;
 pub mod session;
+pub mod stats;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use self::cancel::CancelRegistry;
+use self::cancel::{CancelRegistry, ClientInfo};
 use self::client::ClientConn;
 use self::error::{ClientError, RouteError};
 use self::handshake::Opened;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub classifier: Classifier,
     pub picker: ReplicaPicker,
     pub cancels: CancelRegistry,
+    /// Per-database totals for SHOW STATS.
+    pub stats: stats::Stats,
     pub tls: Option<TlsAcceptor>,
     /// Units of work running now (a server attached), which a switchover
     /// waits to drain.
@@ -72,7 +75,7 @@ pub async fn serve_client(
         // A bug in one session must not take the process or another session
         // with it: the panic ends this client's connection, is logged and
         // counted, and everything else goes on.
-        let session = std::panic::AssertUnwindSafe(start_session(&shared, tcp, shutdown));
+        let session = std::panic::AssertUnwindSafe(start_session(&shared, tcp, peer, shutdown));
         match futures_util::FutureExt::catch_unwind(session).await {
             Ok(Ok(()) | Err(ClientError::Gone)) => tracing::debug!("client disconnected"),
             Ok(Err(e)) => tracing::info!(error = %e, "client session ended"),
@@ -94,8 +97,10 @@ pub async fn serve_client(
 async fn start_session(
     shared: &Arc<Shared>,
     tcp: TcpStream,
+    peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
+    let local = tcp.local_addr().ok();
     let config = shared.config.load_full();
     let startup_timeout = config.listen.startup_timeout;
     let opened = tokio::time::timeout(
@@ -113,9 +118,21 @@ async fn start_session(
     let Opened::Startup {
         mut client,
         startup,
+        tls,
     } = opened
     else {
         return Ok(());
+    };
+    let info = |user: &str, database: &str| {
+        Arc::new(ClientInfo {
+            user: user.to_owned(),
+            database: database.to_owned(),
+            addr: peer,
+            local,
+            application_name: startup.get("application_name").unwrap_or("").to_owned(),
+            tls,
+            connected_at: std::time::SystemTime::now(),
+        })
     };
     if let Some(admin) = console_user(shared, &startup) {
         tracing::Span::current().record("user", admin.name.as_str());
@@ -133,9 +150,10 @@ async fn start_session(
         for (name, value) in CONSOLE_PARAMETERS {
             client.send(&backend::parameter_status(name, value)).await?;
         }
-        client
-            .send(&shared.cancels.register(None).key.encode())
-            .await?;
+        let registration = shared
+            .cancels
+            .register(None, info(&admin.name, crate::admin::console::DATABASE));
+        client.send(&registration.key.encode()).await?;
         client
             .send(&backend::ready_for_query(TxStatus::Idle))
             .await?;
@@ -170,7 +188,10 @@ async fn start_session(
     // In session mode the client is one server backend for life: it gets
     // that backend's pid (NOTIFY and pg_backend_pid() agree), with a secret
     // of the proxy's.
-    let cancel = shared.cancels.register(kept.as_ref().map(|c| c.key.pid));
+    let cancel = shared.cancels.register(
+        kept.as_ref().map(|c| c.key.pid),
+        info(&user.name, &database),
+    );
     if let Some(conn) = &kept {
         cancel.set_target(Some((conn.addr, conn.key)));
     }

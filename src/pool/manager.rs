@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 
+use super::listing::{ServerInfo, ServerList};
 use super::server::{Login, ServerConnection, ServerError};
 use crate::config::PoolConfig;
 use crate::topology::NodeId;
@@ -18,6 +19,7 @@ pub struct ServerManager {
     /// Shared by every pool and read at each use, so that a reload applies
     /// to the connections already pooled.
     pub settings: Arc<ArcSwap<PoolConfig>>,
+    pub servers: ServerList,
 }
 
 impl deadpool::managed::Manager for ServerManager {
@@ -37,6 +39,17 @@ impl deadpool::managed::Manager for ServerManager {
         )
         .await
         .map_err(|_| ServerError::Timeout)?
+        .map(|mut conn| {
+            conn.listed = Some(self.servers.add(ServerInfo {
+                addr: self.addr,
+                local: conn.stream.local_addr().ok(),
+                user: self.login.user.clone(),
+                database: self.login.database.clone(),
+                key: conn.key,
+                connected_at: std::time::SystemTime::now(),
+            }));
+            conn
+        })
     }
 
     async fn recycle(

@@ -1,4 +1,5 @@
 //! Server connections and their pools, one pool per (node, user, database).
+pub mod listing;
 pub mod manager;
 pub mod registry;
 pub mod server;

@@ -10,6 +10,7 @@ use deadpool::Runtime;
 use deadpool::managed::{Pool, PoolError, Timeouts};
 
 use super::Checkout;
+use super::listing::ServerList;
 use super::manager::ServerManager;
 use super::server::{Login, ServerError};
 use crate::config::{PoolConfig, Secret};
@@ -79,6 +80,8 @@ impl PoolHandle {
 
 pub struct Pools {
     settings: Arc<ArcSwap<PoolConfig>>,
+    /// Every open server connection, for SHOW SERVERS.
+    pub servers: ServerList,
     pools: Mutex<HashMap<PoolKey, Pool<ServerManager>>>,
     metrics: Arc<Metrics>,
 }
@@ -87,6 +90,7 @@ impl Pools {
     pub fn new(settings: PoolConfig, metrics: Arc<Metrics>) -> Pools {
         Pools {
             settings: Arc::new(ArcSwap::from_pointee(settings)),
+            servers: ServerList::default(),
             pools: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -110,6 +114,7 @@ impl Pools {
                 database: key.database.clone(),
             },
             settings: self.settings.clone(),
+            servers: self.servers.clone(),
         };
         let pool = Pool::builder(manager)
             .max_size(self.settings.load().size)

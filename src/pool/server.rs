@@ -62,6 +62,8 @@ pub struct ServerConnection {
     /// Set by a session that hands the connection back idle; a connection
     /// dropped any other way (mid-transaction, a panic) is never reused.
     pub clean: bool,
+    /// Its entry in SHOW SERVERS, for as long as it is open.
+    pub listed: Option<super::listing::Listed>,
 }
 
 impl ServerConnection {
@@ -84,6 +86,7 @@ impl ServerConnection {
             prepared: LruCache::new(prepared_cap.try_into().expect("validated cap > 0")),
             applied: Default::default(),
             clean: true,
+            listed: None,
         };
         conn.startup(login).await?;
         Ok(conn)

@@ -31,6 +31,7 @@ use super::Shared;
 use super::cancel::CancelHandle;
 use super::client::ClientConn;
 use super::error::{ClientError, RouteError};
+use super::stats::DatabaseStats;
 use super::users::UserEntry;
 use crate::config::{ConsistencyMode, PoolMode};
 use crate::pool::registry::CheckoutError;
@@ -148,6 +149,8 @@ pub struct Session {
     pinned: Option<PinReason>,
     consistency: Consistency,
     pool_mode: PoolMode,
+    /// This database's SHOW STATS counters.
+    stats: Arc<DatabaseStats>,
     /// New topology epochs: a transaction on a primary that lost its epoch
     /// is ended at once, not left to write to a fenced node.
     epochs: tokio::sync::watch::Receiver<crate::topology::Epoch>,
@@ -197,6 +200,9 @@ impl Session {
             attached,
         } = setup;
         let epochs = shared.topology.epochs();
+        let stats = shared.stats.database(&database);
+        let mut client = client;
+        client.count_into(stats.clone());
         let server = attached.map(|mut conn| {
             conn.clean = false;
             Attached {
@@ -234,6 +240,7 @@ impl Session {
             pinned: None,
             consistency: Consistency::new(mode),
             pool_mode,
+            stats,
             epochs,
             unit_writes: false,
             unit_copies: false,
@@ -279,6 +286,9 @@ impl Session {
                 let Some(frame) = self.client.try_frame()? else {
                     break;
                 };
+                if matches!(frame.tag(), fe::QUERY | fe::EXECUTE) {
+                    self.stats.query();
+                }
                 if !self.on_client_message(frame).await? {
                     return Ok(());
                 }
@@ -520,9 +530,9 @@ impl Session {
             if let Some(mut server) = self.server.take() {
                 server.conn.clean = true;
                 if let Some(started) = self.unit_started.take() {
-                    self.shared
-                        .metrics
-                        .unit_done(server.role, started.elapsed());
+                    let took = started.elapsed();
+                    self.shared.metrics.unit_done(server.role, took);
+                    self.stats.transaction_done(took);
                 }
             }
         }

@@ -171,7 +171,11 @@ impl Session {
         };
         for (node, addr, role) in candidates {
             let pool = self.pool_for(node, addr);
-            match pool.checkout().await {
+            self.cancel.set_waiting();
+            let asked = std::time::Instant::now();
+            let checkout = pool.checkout().await;
+            self.stats.waited(asked.elapsed());
+            match checkout {
                 Ok(mut conn) => {
                     conn.clean = false;
                     self.cancel.set_target(Some((conn.addr, conn.key)));
@@ -190,14 +194,21 @@ impl Session {
                         source: ServerError::Rejected(_),
                         ..
                     },
-                ) => return Err(e.into()),
+                ) => {
+                    last_error = e.into();
+                    break;
+                }
                 Err(e @ CheckoutError::Connect { .. }) => {
                     self.shared.topology.report_unreachable(node);
                     last_error = e.into();
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    last_error = e.into();
+                    break;
+                }
             }
         }
+        self.cancel.set_target(None);
         Err(last_error)
     }
     /// When the attached replica is not yet known to have replayed `floor`,
