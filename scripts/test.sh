@@ -12,6 +12,7 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v etcd >/dev/null || missing+=(etcd-server)          # the HA tests start a real etcd
 command -v protoc >/dev/null || missing+=(protobuf-compiler)  # etcd-client's build (scripts/protoc has a fallback)
 command -v promtool >/dev/null || missing+=(prometheus)   # tests/metrics.rs lints /metrics with promtool
+command -v docker-compose >/dev/null || missing+=(docker-compose)  # tests/docker_files.rs validates docker/compose.yaml (no engine needed)
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
