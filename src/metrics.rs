@@ -20,6 +20,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::frontend::cancel::ClientState;
 use crate::frontend::session::PinReason;
 use crate::ha::HaStatus;
 use crate::pool::PoolKey;
@@ -58,6 +59,7 @@ pub struct Metrics {
     nodes: Vec<String>,
 
     clients_connected: IntGauge,
+    clients_by_state: IntGaugeVec,
     client_errors: IntCounterVec,
 
     checkout_seconds: Vec<Histogram>,
@@ -197,6 +199,11 @@ impl Metrics {
             clients_connected: b.gauge(
                 "tidepool_clients_connected",
                 "Client connections open, from accept to close",
+            ),
+            clients_by_state: b.gauge_vec(
+                "tidepool_clients",
+                "Logged-in clients by state (active: a server serves it; idle: between transactions; waiting: for a server connection)",
+                &["state"],
             ),
             client_errors: b.counter_vec(
                 "tidepool_client_errors_total",
@@ -414,6 +421,11 @@ impl Metrics {
         self.refresh_topology(view.topology);
         self.refresh_ha(view.topology, view.ha);
         self.refresh_pools(view.topology, view.pools);
+        for (state, count) in view.clients {
+            self.clients_by_state
+                .with_label_values(&[state.as_str()])
+                .set(clamp(*count as u64));
+        }
         // Counters only go up: add what the classifier counted since the last scrape.
         let cache = view.classify_cache;
         self.classify_hits
@@ -522,6 +534,8 @@ pub struct ScrapeView<'a> {
     pub ha: &'a HaStatus,
     pub pools: &'a [(PoolKey, deadpool::Status)],
     pub classify_cache: CacheStats,
+    /// Logged-in clients per state.
+    pub clients: &'a [(ClientState, usize)],
 }
 
 fn clamp(value: u64) -> i64 {
@@ -572,6 +586,7 @@ mod tests {
                 ha: &HaStatus::default(),
                 pools: &[],
                 classify_cache: CacheStats { hits: 3, misses: 1 },
+                clients: &[],
             })
             .unwrap()
     }

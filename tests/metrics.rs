@@ -129,6 +129,16 @@ async fn counters_move_with_real_traffic() {
         ) >= 1.0
     );
     assert_eq!(sample(&text, "tidepool_clients_connected", &[]), 2.0);
+    // The pinned one keeps its server: active; the other is between units.
+    assert_eq!(
+        sample(&text, "tidepool_clients", &[("state", "active")]),
+        1.0
+    );
+    assert_eq!(sample(&text, "tidepool_clients", &[("state", "idle")]), 1.0);
+    assert_eq!(
+        sample(&text, "tidepool_clients", &[("state", "waiting")]),
+        0.0
+    );
     let pool = [("node", primary.as_str()), ("pool", "app/postgres")];
     assert_eq!(sample(&text, "tidepool_pool_servers_max", &pool), 20.0);
     // The pinned client holds its server connection.

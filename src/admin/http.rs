@@ -164,7 +164,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let topology = shared.topology.load_full();
     let pools = shared.pools.statuses();
     let ha = shared.ha.status();
+    let clients = shared.cancels.count_by_state();
     let view = ScrapeView {
+        clients: &clients,
         topology: &topology,
         ha: &ha,
         pools: &pools,

@@ -128,6 +128,15 @@ impl CancelRegistry {
         views
     }
 
+    /// How many clients are in each state, for the metrics.
+    pub fn count_by_state(&self) -> Vec<(ClientState, usize)> {
+        let entries = self.entries.lock().expect("cancel lock");
+        [ClientState::Active, ClientState::Idle, ClientState::Waiting]
+            .into_iter()
+            .map(|state| (state, entries.values().filter(|e| e.state == state).count()))
+            .collect()
+    }
+
     /// Forwards a client's CancelRequest to the server connection serving it.
     /// A wrong secret, an unknown key or an idle client: nothing happens, as
     /// with PostgreSQL.

@@ -69,6 +69,7 @@ pub async fn serve_client(
         client.addr = %peer,
         user = tracing::field::Empty,
         db = tracing::field::Empty,
+        pool_mode = tracing::field::Empty,
     );
     let _connected = shared.metrics.client_connected();
     async move {
@@ -167,6 +168,7 @@ async fn start_session(
         drop(users);
         tracing::Span::current().record("user", user.name.as_str());
         tracing::Span::current().record("db", database.as_str());
+        tracing::Span::current().record("pool_mode", config.pool.mode.as_str());
         handshake::authenticate(&mut client, &user).await?;
         let slot = user
             .take_slot()
