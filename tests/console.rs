@@ -187,6 +187,20 @@ async fn show_clients_servers_and_stats_follow_a_transaction() {
         ("idle", "")
     );
 
+    let lag = show(&console, "SHOW LAG").await;
+    assert_eq!(lag.len(), 2, "{lag:?}");
+    assert!(lag.iter().all(|r| r["lagging"] == "false"), "{lag:?}");
+    let databases = show(&console, "SHOW DATABASES").await;
+    assert_eq!(databases.len(), 3, "{databases:?}");
+    assert!(
+        databases.iter().all(|d| d["pool_size"] == "20"),
+        "{databases:?}"
+    );
+    let help = show(&console, "SHOW HELP").await;
+    for command in ["SHOW CLIENTS", "SHOW STATS", "RELOAD"] {
+        assert!(help.iter().any(|r| r["command"] == command), "{help:?}");
+    }
+
     let stats = show(&console, "SHOW STATS").await;
     let db = stats
         .iter()

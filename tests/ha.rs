@@ -280,6 +280,21 @@ async fn ctl_status_and_switchover_through_the_admin_api() {
         "{refused:?}"
     );
 
+    // Paused, a new transaction waits; resumed, it runs.
+    let paused = tokio::task::block_in_place(|| ctl(&["--token", "s3cret", "pause"]));
+    assert!(paused.status.success(), "{paused:?}");
+    let app = h.connect().await;
+    let held = tokio::spawn(async move { app.simple_query("select 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a paused proxy holds new transactions");
+    let resumed = tokio::task::block_in_place(|| ctl(&["--token", "s3cret", "resume"]));
+    assert!(resumed.status.success(), "{resumed:?}");
+    tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("released by resume")
+        .unwrap()
+        .unwrap();
+
     let to = h.cluster.nodes()[2].addr().to_string();
     let done =
         tokio::task::block_in_place(|| ctl(&["--token", "s3cret", "switchover", "--to", &to]));
