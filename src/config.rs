@@ -62,6 +62,15 @@ pub struct ListenConfig {
     pub shutdown_timeout: Duration,
     /// Largest client message accepted (PostgreSQL's own limit is 1 GiB).
     pub max_message_size: usize,
+    /// A client that sends nothing for this long between transactions is
+    /// disconnected (57P05, as PostgreSQL's idle_session_timeout); 0: never.
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// A client that sits this long inside a transaction without sending
+    /// anything is disconnected (25P03) and its transaction rolled back, so
+    /// it cannot hold a server connection and its locks for ever; 0: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_in_transaction_timeout: Duration,
     /// PEM certificate chain and key: when both are set, clients may use TLS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -76,6 +85,8 @@ impl Default for ListenConfig {
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             max_message_size: 64 << 20,
+            client_idle_timeout: Duration::ZERO,
+            idle_in_transaction_timeout: Duration::ZERO,
             tls_cert: None,
             tls_key: None,
         }
@@ -123,6 +134,11 @@ pub struct PoolConfig {
     pub health_check_after: Duration,
     /// Prepared statements kept per server connection before the least recently used is closed.
     pub prepared_statements_cap: usize,
+    /// A server that owes a reply and sends nothing for this long has its
+    /// query cancelled (the client gets 57014); one that does not answer
+    /// the cancel within as long again is given up (08006). 0: never.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -136,6 +152,7 @@ impl Default for PoolConfig {
             max_lifetime: Duration::from_secs(3600),
             health_check_after: Duration::from_secs(30),
             prepared_statements_cap: 512,
+            query_timeout: Duration::ZERO,
         }
     }
 }

@@ -148,16 +148,20 @@ impl CancelRegistry {
                 .filter(|e| e.secret == key.secret)
                 .and_then(|e| e.target)
         };
-        let Some((addr, server_key)) = target else {
-            return;
-        };
-        match TcpStream::connect(addr).await {
-            Ok(mut stream) => {
-                let _ = stream.write_all(&startup::encode_cancel(server_key)).await;
-                let _ = stream.shutdown().await;
-            }
-            Err(e) => tracing::warn!(%addr, error = %e, "could not forward cancel request"),
+        if let Some((addr, server_key)) = target {
+            send_cancel(addr, server_key).await;
         }
+    }
+}
+
+/// Asks the server at `addr` to cancel what the backend `key` is running.
+pub async fn send_cancel(addr: SocketAddr, key: BackendKey) {
+    match TcpStream::connect(addr).await {
+        Ok(mut stream) => {
+            let _ = stream.write_all(&startup::encode_cancel(key)).await;
+            let _ = stream.shutdown().await;
+        }
+        Err(e) => tracing::warn!(%addr, error = %e, "could not send a cancel request"),
     }
 }
 

@@ -28,6 +28,10 @@ pub enum ClientError {
     TooManyForUser(String),
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error("terminating connection due to idle-session timeout")]
+    IdleTimeout,
+    #[error("terminating connection due to idle-in-transaction timeout")]
+    IdleInTransactionTimeout,
     #[error(transparent)]
     Route(#[from] RouteError),
 }
@@ -93,6 +97,8 @@ impl ClientError {
             ClientError::AuthFailed(_) => fatal("28P01", &self.to_string()),
             ClientError::TooManyClients => fatal("53300", "sorry, too many clients already"),
             ClientError::TooManyForUser(_) => fatal("53300", &self.to_string()),
+            ClientError::IdleTimeout => fatal("57P05", &self.to_string()),
+            ClientError::IdleInTransactionTimeout => fatal("25P03", &self.to_string()),
             ClientError::ShuttingDown => fatal(
                 "57P01",
                 "terminating connection due to administrator command",

@@ -19,6 +19,7 @@ mod unit;
 pub use state::{Params, PinReason, startup_params, sync_sql};
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -28,7 +29,7 @@ use self::pending::{Capture, Kind, ParseUndo, Pending};
 use self::state::ParamChange;
 use self::statements::{Statement, Statements};
 use super::Shared;
-use super::cancel::CancelHandle;
+use super::cancel::{self, CancelHandle};
 use super::client::ClientConn;
 use super::error::{ClientError, RouteError};
 use super::stats::DatabaseStats;
@@ -94,6 +95,32 @@ impl Drop for Busy {
     }
 }
 
+/// The timeouts of `[listen]` and `[pool]`, fixed at login (a reload
+/// changes them for new clients); `None`: off.
+struct SessionLimits {
+    client_idle: Option<Duration>,
+    idle_in_transaction: Option<Duration>,
+    query: Option<Duration>,
+}
+
+impl SessionLimits {
+    fn from_config(config: &crate::config::Config) -> SessionLimits {
+        let on = |d: Duration| (!d.is_zero()).then_some(d);
+        SessionLimits {
+            client_idle: on(config.listen.client_idle_timeout),
+            idle_in_transaction: on(config.listen.idle_in_transaction_timeout),
+            query: on(config.pool.query_timeout),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timeout {
+    ClientIdle,
+    IdleInTransaction,
+    Query,
+}
+
 struct Replay {
     frames: Vec<Frame>,
     bytes: usize,
@@ -151,6 +178,13 @@ pub struct Session {
     pool_mode: PoolMode,
     /// This database's SHOW STATS counters.
     stats: Arc<DatabaseStats>,
+    limits: SessionLimits,
+    /// The client's last bytes, for the idle timeouts.
+    client_active_at: Instant,
+    /// Since when the server owes a reply and has sent nothing.
+    owed_since: Option<Instant>,
+    /// query_timeout has sent a cancel for the reply owed now.
+    query_cancelled: bool,
     /// New topology epochs: a transaction on a primary that lost its epoch
     /// is ended at once, not left to write to a fenced node.
     epochs: tokio::sync::watch::Receiver<crate::topology::Epoch>,
@@ -201,6 +235,7 @@ impl Session {
         } = setup;
         let epochs = shared.topology.epochs();
         let stats = shared.stats.database(&database);
+        let limits = SessionLimits::from_config(&shared.config.load());
         let mut client = client;
         client.count_into(stats.clone());
         let server = attached.map(|mut conn| {
@@ -241,6 +276,10 @@ impl Session {
             consistency: Consistency::new(mode),
             pool_mode,
             stats,
+            limits,
+            client_active_at: Instant::now(),
+            owed_since: None,
+            query_cancelled: false,
             epochs,
             unit_writes: false,
             unit_copies: false,
@@ -307,19 +346,81 @@ impl Session {
                 .server
                 .as_ref()
                 .is_some_and(|s| s.role == Role::Primary);
+            let timeout = self.next_timeout();
+            let expiry = async {
+                match timeout {
+                    Some((at, _)) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let server = self.server.as_mut();
             tokio::select! {
                 read = self.client.fill(), if self.waiting.is_none() => {
                     if read? == 0 {
                         return Ok(());
                     }
+                    self.client_active_at = Instant::now();
                 }
                 read = responses::read_server(server) => match read {
-                    Ok(n) if n > 0 => self.pump_server().await?,
+                    Ok(n) if n > 0 => {
+                        self.owed_since = None;
+                        self.pump_server().await?
+                    }
                     _ => self.on_server_lost().await?,
                 },
+                _ = expiry => self.on_timeout(timeout.expect("armed").1).await?,
                 _ = &mut stop, if !self.draining => self.draining = true,
                 _ = self.epochs.changed(), if on_primary => self.on_new_epoch().await?,
+            }
+        }
+    }
+    /// When the session's next timeout fires, if one is configured for what
+    /// it is doing now: waiting for a server's answer (query_timeout), or for
+    /// its client inside a transaction or between them.
+    fn next_timeout(&mut self) -> Option<(Instant, Timeout)> {
+        let owed = self.server.is_some() && !self.pending.is_empty();
+        if !owed {
+            self.owed_since = None;
+            self.query_cancelled = false;
+        }
+        // Mid-batch without Sync the server may be waiting for the client:
+        // no timer blames either side then.
+        if owed || self.unsynced || self.waiting.is_some() {
+            let limit = self.limits.query.filter(|_| owed && !self.unsynced)?;
+            let since = *self.owed_since.get_or_insert_with(Instant::now);
+            return Some((since + limit, Timeout::Query));
+        }
+        match self.client_status {
+            TxStatus::Idle => self
+                .limits
+                .client_idle
+                .map(|limit| (self.client_active_at + limit, Timeout::ClientIdle)),
+            _ => self
+                .limits
+                .idle_in_transaction
+                .map(|limit| (self.client_active_at + limit, Timeout::IdleInTransaction)),
+        }
+    }
+    async fn on_timeout(&mut self, timeout: Timeout) -> Result<(), ClientError> {
+        match timeout {
+            Timeout::ClientIdle => Err(ClientError::IdleTimeout),
+            Timeout::IdleInTransaction => Err(ClientError::IdleInTransactionTimeout),
+            Timeout::Query if !self.query_cancelled => {
+                let Some(server) = &self.server else {
+                    return Ok(());
+                };
+                tracing::warn!(addr = %server.conn.addr, "query_timeout: cancelling the query");
+                cancel::send_cancel(server.conn.addr, server.conn.key).await;
+                self.query_cancelled = true;
+                self.owed_since = Some(Instant::now());
+                Ok(())
+            }
+            Timeout::Query => {
+                if let Some(server) = &mut self.server {
+                    tracing::warn!(addr = %server.conn.addr, "query_timeout: no answer to the cancel either; giving the server up");
+                    server.fatal = Some("no answer within query_timeout, even to a cancel".into());
+                }
+                self.on_server_lost().await
             }
         }
     }
