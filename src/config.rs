@@ -167,6 +167,13 @@ pub enum ConsistencyMode {
 }
 
 impl ConsistencyMode {
+    pub const ALL: [ConsistencyMode; 4] = [
+        ConsistencyMode::Eventual,
+        ConsistencyMode::ReadYourWrites,
+        ConsistencyMode::Monotonic,
+        ConsistencyMode::Strong,
+    ];
+
     pub fn parse(value: &str) -> Option<ConsistencyMode> {
         Some(match value.to_ascii_lowercase().as_str() {
             "eventual" => ConsistencyMode::Eventual,

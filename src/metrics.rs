@@ -20,6 +20,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::ConsistencyMode;
 use crate::frontend::cancel::ClientState;
 use crate::frontend::session::PinReason;
 use crate::ha::HaStatus;
@@ -76,6 +77,8 @@ pub struct Metrics {
     ryw_waits: IntCounter,
     ryw_wait_seconds: Histogram,
     fallbacks: [IntCounter; Fallback::ALL.len()],
+    /// By consistency mode, then served by a replica (0) or the primary (1).
+    reads: [[IntCounter; 2]; ConsistencyMode::ALL.len()],
     pins: [IntCounter; PinReason::ALL.len()],
     prepared_hits: IntCounter,
     prepared_misses: IntCounter,
@@ -174,6 +177,11 @@ impl Metrics {
             "Reads meant for a replica that ran on the primary, by reason",
             &["reason"],
         );
+        let reads = b.counter_vec(
+            "tidepool_reads_total",
+            "Read-only units of work by the session's consistency mode and the role of the node that served them",
+            &["mode", "served_by"],
+        );
         let pins = b.counter_vec(
             "tidepool_pins_total",
             "Clients pinned to their server connection for the rest of their session, by reason",
@@ -244,6 +252,9 @@ impl Metrics {
                 RYW_BUCKETS,
             ),
             fallbacks: Fallback::ALL.map(|f| fallbacks.with_label_values(&[f.as_str()])),
+            reads: ConsistencyMode::ALL.map(|mode| {
+                ["replica", "primary"].map(|by| reads.with_label_values(&[mode.as_str(), by]))
+            }),
             pins: PinReason::ALL.map(|r| pins.with_label_values(&[r.as_str()])),
             prepared_hits: b.counter(
                 "tidepool_prepared_statement_cache_hits_total",
@@ -387,6 +398,15 @@ impl Metrics {
     pub fn unit_done(&self, role: Role, elapsed: Duration) {
         let route = usize::from(role != Role::Primary);
         self.unit_seconds[route].observe(elapsed.as_secs_f64());
+    }
+
+    /// A read-only unit, served by a replica or (`on_primary`) the primary.
+    pub fn read_served(&self, mode: ConsistencyMode, on_primary: bool) {
+        let by_mode = &self.reads[ConsistencyMode::ALL
+            .iter()
+            .position(|&m| m == mode)
+            .unwrap_or(0)];
+        by_mode[usize::from(on_primary)].inc();
     }
 
     pub fn ryw_waited(&self, elapsed: Duration) {

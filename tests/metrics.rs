@@ -455,3 +455,33 @@ async fn guarded_routes_need_the_bearer_token() {
     assert_eq!(disabled.status, 403);
     assert!(disabled.json()["error"].as_str().unwrap().contains("token"));
 }
+
+/// Reads are counted by the session's consistency mode and where they ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_are_counted_by_consistency_mode() {
+    let h = Harness::start("").await;
+    let ryw = h.connect().await;
+    for _ in 0..2 {
+        ryw.simple_query("select 1").await.unwrap();
+    }
+    let strong = h.connect().await;
+    strong
+        .batch_execute("set tidepool.consistency = strong")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        strong.simple_query("select 1").await.unwrap();
+    }
+    let text = scrape(&h).await;
+    let reads = |mode: &str, by: &str| {
+        sample(
+            &text,
+            "tidepool_reads_total",
+            &[("mode", mode), ("served_by", by)],
+        )
+    };
+    assert_eq!(reads("read_your_writes", "replica"), 2.0);
+    assert_eq!(reads("read_your_writes", "primary"), 0.0);
+    assert_eq!(reads("strong", "primary"), 3.0);
+    assert_eq!(reads("eventual", "replica"), 0.0);
+}

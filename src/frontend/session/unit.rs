@@ -112,6 +112,14 @@ impl Session {
         self.shared
             .metrics
             .unit_routed(server.conn.node, server.role, reason);
+        if matches!(
+            reason,
+            RouteReason::Read | RouteReason::Strong | RouteReason::Fallback(_)
+        ) {
+            self.shared
+                .metrics
+                .read_served(self.consistency.mode, server.role == Role::Primary);
+        }
         self.unit_started = Some(std::time::Instant::now());
     }
     /// Attaches a server for `destination`. For reads with a `floor`, the
