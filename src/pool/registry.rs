@@ -50,6 +50,12 @@ pub struct PoolHandle {
 impl PoolHandle {
     /// A server connection; the pool's own wait, create and recycle timeouts apply.
     pub async fn checkout(&self) -> Result<Checkout, CheckoutError> {
+        self.checkout_timed().await.0
+    }
+
+    /// `checkout`, and how long it took (the caller's SHOW STATS wait time
+    /// comes from the same clock reading as the histogram).
+    pub async fn checkout_timed(&self) -> (Result<Checkout, CheckoutError>, Duration) {
         let addr = self.addr;
         let started = Instant::now();
         let settings = self.settings.load();
@@ -61,10 +67,11 @@ impl PoolHandle {
         };
         drop(settings);
         let result = self.pool.timeout_get(&timeouts).await;
+        let waited = started.elapsed();
         if let Some(histogram) = &self.wait_seconds {
-            histogram.observe(started.elapsed().as_secs_f64());
+            histogram.observe(waited.as_secs_f64());
         }
-        result.map_err(|e| match e {
+        let result = result.map_err(|e| match e {
             PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
                 CheckoutError::Exhausted(checkout_timeout)
             }
@@ -74,7 +81,8 @@ impl PoolHandle {
             },
             PoolError::Backend(source) => CheckoutError::Connect { addr, source },
             _ => CheckoutError::Closed,
-        })
+        });
+        (result, waited)
     }
 }
 

@@ -104,6 +104,11 @@ struct SessionLimits {
 }
 
 impl SessionLimits {
+    /// Whether the client's activity needs a clock reading.
+    fn watch_client(&self) -> bool {
+        self.client_idle.is_some() || self.idle_in_transaction.is_some()
+    }
+
     fn from_config(config: &crate::config::Config) -> SessionLimits {
         let on = |d: Duration| (!d.is_zero()).then_some(d);
         SessionLimits {
@@ -359,7 +364,9 @@ impl Session {
                     if read? == 0 {
                         return Ok(());
                     }
-                    self.client_active_at = Instant::now();
+                    if self.limits.watch_client() {
+                        self.client_active_at = Instant::now();
+                    }
                 }
                 read = responses::read_server(server) => match read {
                     Ok(n) if n > 0 => {

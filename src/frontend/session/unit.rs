@@ -179,10 +179,16 @@ impl Session {
         };
         for (node, addr, role) in candidates {
             let pool = self.pool_for(node, addr);
-            self.cancel.set_waiting();
-            let asked = std::time::Instant::now();
-            let checkout = pool.checkout().await;
-            self.stats.waited(asked.elapsed());
+            // Listed as waiting only when the pool has no connection at hand.
+            let mut checkout = std::pin::pin!(pool.checkout_timed());
+            let (checkout, waited) = match futures_util::FutureExt::now_or_never(&mut checkout) {
+                Some(done) => done,
+                None => {
+                    self.cancel.set_waiting();
+                    checkout.await
+                }
+            };
+            self.stats.waited(waited);
             match checkout {
                 Ok(mut conn) => {
                     conn.clean = false;
