@@ -220,6 +220,48 @@ pub struct ClusterConfig {
     /// Consecutive failed polls before a node is marked down.
     #[serde(default = "default_failures_before_down")]
     pub failures_before_down: u32,
+    /// TLS to the nodes, for client traffic and admin connections alike.
+    #[serde(default)]
+    pub sslmode: ServerSslMode,
+    /// PEM CA certificates that a node's certificate must chain to
+    /// (`verify-full` only, where it is required).
+    #[serde(default)]
+    pub ssl_root_cert: Option<PathBuf>,
+}
+
+/// How the proxy uses TLS towards the nodes; the names and meanings are
+/// libpq's `sslmode` (and PgBouncer's `server_tls_sslmode`), minus the modes
+/// that offer no protection tidepool's users would choose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Never TLS.
+    Disable,
+    /// TLS when the node offers it, plain text when it does not; the
+    /// certificate is not checked (protects against eavesdropping only).
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS or no connection, and the certificate must chain to
+    /// `ssl_root_cert` and name the node's address (an IP SAN).
+    VerifyFull,
+}
+
+impl ServerSslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerSslMode::Disable => "disable",
+            ServerSslMode::Prefer => "prefer",
+            ServerSslMode::Require => "require",
+            ServerSslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// A node that answers an SSLRequest with 'N' may not be used.
+    pub fn requires_tls(self) -> bool {
+        matches!(self, ServerSslMode::Require | ServerSslMode::VerifyFull)
+    }
 }
 
 fn default_poll_interval() -> Duration {
@@ -430,6 +472,25 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        match (self.cluster.sslmode, &self.cluster.ssl_root_cert) {
+            (ServerSslMode::VerifyFull, None) => {
+                return Err(invalid(
+                    "cluster.ssl_root_cert",
+                    "sslmode = \"verify-full\" needs the CA certificates to verify against",
+                ));
+            }
+            // Silently not verifying would give a false sense of security.
+            (mode, Some(_)) if mode != ServerSslMode::VerifyFull => {
+                return Err(invalid(
+                    "cluster.ssl_root_cert",
+                    format!(
+                        "only used with sslmode = \"verify-full\" (sslmode is {:?})",
+                        mode.as_str()
+                    ),
+                ));
+            }
+            _ => {}
+        }
         if self.coordinator.cluster.is_empty() || self.coordinator.cluster.contains('/') {
             return Err(invalid(
                 "coordinator.cluster",
@@ -528,6 +589,33 @@ password = "app"
         assert_eq!(config.routing.max_replica_lag, Duration::from_secs(10));
         assert_eq!(config.cluster.poll_timeout, Duration::from_secs(1));
         assert_eq!(config.cluster.failures_before_down, 3);
+        assert_eq!(config.cluster.sslmode, ServerSslMode::Prefer);
+    }
+
+    #[test]
+    fn server_sslmode_and_root_cert_go_together() {
+        let with = |lines: &str| {
+            Config::parse(&MINIMAL.replace(
+                "admin_password = \"pw\"",
+                &format!("admin_password = \"pw\"\n{lines}"),
+            ))
+        };
+        let config = with("sslmode = \"verify-full\"\nssl_root_cert = \"/ca.pem\"").unwrap();
+        assert_eq!(config.cluster.sslmode, ServerSslMode::VerifyFull);
+        assert_eq!(
+            with("sslmode = \"disable\"").unwrap().cluster.sslmode,
+            ServerSslMode::Disable
+        );
+        assert_eq!(
+            with("sslmode = \"require\"").unwrap().cluster.sslmode,
+            ServerSslMode::Require
+        );
+        let err = with("sslmode = \"verify-full\"").unwrap_err();
+        assert!(err.to_string().contains("cluster.ssl_root_cert"), "{err}");
+        let err = with("sslmode = \"require\"\nssl_root_cert = \"/ca.pem\"").unwrap_err();
+        assert!(err.to_string().contains("cluster.ssl_root_cert"), "{err}");
+        let err = with("sslmode = \"verify-ca\"").unwrap_err();
+        assert!(err.to_string().contains("sslmode"), "{err}");
     }
 
     #[test]

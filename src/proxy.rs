@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::route::classify::Classifier;
 use crate::route::policy::ReplicaPicker;
+use crate::server_tls::{ServerTls, ServerTlsError};
 use crate::topology::monitor::{self, MonitorSettings};
 use crate::topology::{SharedTopology, Topology};
 
@@ -33,6 +34,8 @@ pub enum StartError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error(transparent)]
+    ServerTls(#[from] ServerTlsError),
 }
 
 /// A running proxy. Dropping it does not stop it; call `shutdown`.
@@ -72,18 +75,19 @@ impl Proxy {
                 source,
             })?;
         let tls = tls_acceptor(&config)?;
+        let server_tls = ServerTls::from_config(&config.cluster)?;
         let metrics = Arc::new(Metrics::new(&config.node_addrs()));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let topology = SharedTopology::new(Topology::unknown(&config.node_addrs()));
         let monitor = monitor::start(
             topology.clone(),
-            MonitorSettings::from_config(&config),
+            MonitorSettings::from_config(&config, &server_tls),
             shutdown_rx.clone(),
         )
         .await;
         let busy = Arc::new(AtomicU64::new(0));
-        let settings = HaSettings::from_config(&config, addr);
+        let settings = HaSettings::from_config(&config, addr, &server_tls);
         let store = ha::store_for(&config, &settings);
         tracing::info!(store = %store.describe(), proxy = %settings.proxy_id, "joining the cluster");
         let (ha, member) = ha::start(
@@ -97,7 +101,7 @@ impl Proxy {
 
         let shared = Arc::new(Shared {
             users: users::build(&config.users),
-            pools: Pools::new(config.pool.clone(), metrics.clone()),
+            pools: Pools::new(config.pool.clone(), server_tls, metrics.clone()),
             topology: topology.clone(),
             classifier: Classifier::new(
                 config.routing.classify_cache_size,

@@ -288,6 +288,7 @@ fn config(shared: &Shared) -> Vec<Frame> {
         ("routing.ryw_wait", format!("{:?}", c.routing.ryw_wait)),
         ("cluster.nodes", c.cluster.nodes.join(",")),
         ("cluster.admin_user", c.cluster.admin_user.clone()),
+        ("cluster.sslmode", c.cluster.sslmode.as_str().to_owned()),
         (
             "cluster.poll_interval",
             format!("{:?}", c.cluster.poll_interval),

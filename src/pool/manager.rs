@@ -6,12 +6,14 @@ use std::time::Duration;
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 
 use super::server::{Login, ServerConnection, ServerError};
+use crate::server_tls::ServerTls;
 use crate::topology::NodeId;
 
 pub struct ServerManager {
     pub node: NodeId,
     pub addr: SocketAddr,
     pub login: Login,
+    pub tls: ServerTls,
     pub connect_timeout: Duration,
     pub max_lifetime: Duration,
     pub health_check_after: Duration,
@@ -25,7 +27,13 @@ impl deadpool::managed::Manager for ServerManager {
     async fn create(&self) -> Result<ServerConnection, ServerError> {
         tokio::time::timeout(
             self.connect_timeout,
-            ServerConnection::connect(self.node, self.addr, &self.login, self.prepared_cap),
+            ServerConnection::connect(
+                self.node,
+                self.addr,
+                &self.login,
+                &self.tls,
+                self.prepared_cap,
+            ),
         )
         .await
         .map_err(|_| ServerError::Timeout)?

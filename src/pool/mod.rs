@@ -2,6 +2,7 @@
 pub mod manager;
 pub mod registry;
 pub mod server;
+pub mod stream;
 
 pub use registry::{PoolKey, Pools};
 pub use server::{ServerConnection, ServerError};

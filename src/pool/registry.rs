@@ -13,6 +13,7 @@ use super::manager::ServerManager;
 use super::server::{Login, ServerError};
 use crate::config::{PoolConfig, Secret};
 use crate::metrics::Metrics;
+use crate::server_tls::ServerTls;
 use crate::topology::NodeId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -70,14 +71,16 @@ impl PoolHandle {
 
 pub struct Pools {
     settings: PoolConfig,
+    tls: ServerTls,
     pools: Mutex<HashMap<PoolKey, Pool<ServerManager>>>,
     metrics: Arc<Metrics>,
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, metrics: Arc<Metrics>) -> Pools {
+    pub fn new(settings: PoolConfig, tls: ServerTls, metrics: Arc<Metrics>) -> Pools {
         Pools {
             settings,
+            tls,
             pools: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -96,6 +99,7 @@ impl Pools {
                 password: password.clone(),
                 database: key.database.clone(),
             },
+            tls: self.tls.clone(),
             connect_timeout: self.settings.connect_timeout,
             max_lifetime: self.settings.max_lifetime,
             health_check_after: self.settings.health_check_after,

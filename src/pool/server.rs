@@ -7,13 +7,14 @@ use bytes::BytesMut;
 use lru::LruCache;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::config::Secret;
+use super::stream::ServerStream;
+use crate::config::{Secret, ServerSslMode};
 use crate::protocol::backend::{
     self, Auth, BackendKey, ErrorFields, TxStatus, decode_parameter_status,
 };
 use crate::protocol::{Frame, ProtocolError, frame, frontend, startup};
+use crate::server_tls::ServerTls;
 use crate::topology::{Lsn, NodeId};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,10 @@ pub enum ServerError {
     UnsupportedAuth(String),
     #[error("server closed the connection")]
     Closed,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("server does not support TLS, and sslmode is {}", .0.as_str())]
+    TlsRefused(ServerSslMode),
 }
 
 /// Who a server connection logs in as.
@@ -43,7 +48,7 @@ pub struct Login {
 }
 
 pub struct ServerConnection {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Bytes read from the server but not yet handled.
     pub read_buf: BytesMut,
     /// Messages queued for the server, written together by `flush`: a
@@ -69,10 +74,11 @@ impl ServerConnection {
         node: NodeId,
         addr: SocketAddr,
         login: &Login,
+        tls: &ServerTls,
         prepared_cap: usize,
     ) -> Result<ServerConnection, ServerError> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let stream = ServerStream::connect(addr, tls).await?;
+        tracing::debug!(%addr, tls = stream.is_tls(), user = %login.user, "server connection opened");
         let mut conn = ServerConnection {
             stream,
             read_buf: BytesMut::with_capacity(16 * 1024),
@@ -96,7 +102,8 @@ impl ServerConnection {
             ("application_name", "tidepool"),
             ("client_encoding", "UTF8"),
         ]);
-        self.stream.write_all(&packet).await?;
+        self.write_buf.extend_from_slice(&packet);
+        self.flush().await?;
         let mut scram: Option<ScramSha256> = None;
         loop {
             let frame = self.read_frame().await?;
@@ -174,10 +181,13 @@ impl ServerConnection {
         Ok(())
     }
 
+    /// The explicit flush matters for TLS only, where written bytes may wait
+    /// in rustls' buffer; on TCP it returns at once.
     pub async fn flush(&mut self) -> Result<(), ServerError> {
         if !self.write_buf.is_empty() {
             self.stream.write_all(&self.write_buf).await?;
             self.write_buf.clear();
+            self.stream.flush().await?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use super::lag::{self, Limits};
 use super::probe::{Credentials, PollError, Probe, Sample};
 use super::{Health, Lsn, NodeId, Role, SharedTopology, Topology};
 use crate::config::{Config, Secret};
+use crate::server_tls::ServerTls;
 
 #[derive(Clone)]
 pub struct MonitorSettings {
@@ -20,6 +21,7 @@ pub struct MonitorSettings {
     /// polls waiting for it count as failed.
     pub poll_timeout: Duration,
     pub connect_timeout: Duration,
+    pub tls: ServerTls,
     /// Consecutive failed polls before a node is marked down: one lost packet
     /// should not take a node out of rotation.
     pub failures_before_down: u32,
@@ -28,13 +30,14 @@ pub struct MonitorSettings {
 }
 
 impl MonitorSettings {
-    pub fn from_config(config: &Config) -> MonitorSettings {
+    pub fn from_config(config: &Config, tls: &ServerTls) -> MonitorSettings {
         MonitorSettings {
             admin_user: config.cluster.admin_user.clone(),
             admin_password: config.cluster.admin_password.clone(),
             poll_interval: config.cluster.poll_interval,
             poll_timeout: config.cluster.poll_timeout,
             connect_timeout: config.pool.connect_timeout,
+            tls: tls.clone(),
             failures_before_down: config.cluster.failures_before_down,
             max_replica_lag: config.routing.max_replica_lag,
             max_replica_lag_bytes: config.routing.max_replica_lag_bytes,
@@ -97,6 +100,7 @@ pub async fn start(
             user: settings.admin_user.clone(),
             password: settings.admin_password.clone(),
             connect_timeout: settings.connect_timeout,
+            tls: settings.tls.clone(),
         },
         topology,
         settings,

@@ -1,0 +1,169 @@
+//! TLS towards the PostgreSQL nodes (`[cluster] sslmode`, `ssl_root_cert`):
+//! one rustls client configuration, built at start, used both by the pools'
+//! raw protocol connections and by the admin connections (monitor,
+//! controller) that go through tokio-postgres, so that the two can never
+//! disagree about what a node's certificate must be.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use tokio_rustls::rustls::crypto::{CryptoProvider, ring};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::rustls::{
+    self, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+
+use crate::config::{ClusterConfig, ServerSslMode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    #[error("cluster.ssl_root_cert: cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cluster.ssl_root_cert: {path} holds no usable CA certificate")]
+    NoCertificates { path: PathBuf },
+    #[error("server TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The mode and the client configuration that goes with it; cheap to clone.
+#[derive(Clone)]
+pub struct ServerTls {
+    mode: ServerSslMode,
+    connector: TlsConnector,
+    postgres: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    pub fn from_config(cluster: &ClusterConfig) -> Result<ServerTls, ServerTlsError> {
+        let provider = Arc::new(ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let config = match (&cluster.ssl_root_cert, cluster.sslmode) {
+            (Some(path), ServerSslMode::VerifyFull) => builder
+                .with_root_certificates(root_store(path)?)
+                .with_no_client_auth(),
+            // Validation makes verify-full come with a root certificate; the
+            // other modes do not check the certificate, like libpq's.
+            _ => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unchecked(provider)))
+                .with_no_client_auth(),
+        };
+        Ok(ServerTls {
+            mode: cluster.sslmode,
+            connector: TlsConnector::from(Arc::new(config.clone())),
+            postgres: MakeRustlsConnect::new(config),
+        })
+    }
+
+    pub fn mode(&self) -> ServerSslMode {
+        self.mode
+    }
+
+    /// For the pools' own handshake after an SSLRequest.
+    pub fn connector(&self) -> &TlsConnector {
+        &self.connector
+    }
+
+    /// For tokio-postgres: it sends the SSLRequest itself, as `ssl_mode` says.
+    pub fn postgres_connector(&self) -> MakeRustlsConnect {
+        self.postgres.clone()
+    }
+
+    pub fn postgres_ssl_mode(&self) -> SslMode {
+        match self.mode {
+            ServerSslMode::Disable => SslMode::Disable,
+            ServerSslMode::Prefer => SslMode::Prefer,
+            ServerSslMode::Require | ServerSslMode::VerifyFull => SslMode::Require,
+        }
+    }
+}
+
+fn root_store(path: &Path) -> Result<RootCertStore, ServerTlsError> {
+    let pem = std::fs::read(path).map_err(|source| ServerTlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| ServerTlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(ServerTlsError::NoCertificates {
+            path: path.to_owned(),
+        });
+    }
+    Ok(roots)
+}
+
+/// `prefer` and `require`: encryption without authentication of the node.
+/// The handshake signatures are still checked, so the session is bound to
+/// whichever key the node presented.
+#[derive(Debug)]
+struct Unchecked(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
