@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::http;
@@ -93,9 +94,43 @@ fn all_up(health: &[String]) -> bool {
     health.iter().all(|h| h.ends_with(":up"))
 }
 
+/// The proxy's log lines (nextest runs each test in its own process, so a
+/// global subscriber sees only this test's proxies).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn capture() -> Logs {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("tidepool=debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        logs
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A client through a proxy that can reach no node gets the usual
-/// node-unavailable error, promptly, and the proxy itself stays up.
-async fn refused_promptly(proxy: &Proxy) {
+/// node-unavailable error, promptly, the proxy itself stays up, and its log
+/// says why the nodes are unreachable.
+async fn refused_promptly(proxy: &Proxy, logs: &Logs, why: &str) {
     for _ in 0..2 {
         let started = Instant::now();
         let url = format!(
@@ -114,10 +149,17 @@ async fn refused_promptly(proxy: &Proxy) {
     assert!(health.status > 0, "the admin listener answers");
     let nodes = topology_health(proxy, |h| h.iter().all(|h| h.ends_with(":down"))).await;
     assert!(nodes.iter().all(|h| h.ends_with(":down")), "{nodes:?}");
+    let text = logs.text();
+    let failed = text
+        .lines()
+        .find(|l| l.contains("node poll failed"))
+        .unwrap_or_else(|| panic!("no failed poll logged:\n{text}"));
+    assert!(failed.contains(why), "{failed}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_full_encrypts_every_connection_to_every_node() {
+    let logs = Logs::capture();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path(), "good");
     let stranger = Pki::generate(dir.path(), "other");
@@ -197,7 +239,7 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
         |_| {},
     )
     .await;
-    refused_promptly(&wrong).await;
+    refused_promptly(&wrong, &logs, "invalid peer certificate").await;
     wrong.shutdown().await;
 
     // disable sends no SSLRequest, even to a node that offers TLS.
@@ -211,13 +253,14 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn require_refuses_a_plain_server_and_prefer_falls_back() {
+    let logs = Logs::capture();
     let cluster = cluster(ClusterSpec {
         replicas: 1,
         ..ClusterSpec::default()
     })
     .await;
     let required = proxy(&cluster, &server_tls("require", None), |_| {}).await;
-    refused_promptly(&required).await;
+    refused_promptly(&required, &logs, "server does not support TLS").await;
     required.shutdown().await;
 
     // prefer is the default: no sslmode line at all.

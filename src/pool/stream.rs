@@ -121,3 +121,82 @@ impl AsyncWrite for ServerStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn tls(mode: &str) -> ServerTls {
+        let config = Config::parse(&format!(
+            "[cluster]\nnodes = [\"127.0.0.1:5432\"]\nadmin_user = \"postgres\"\nadmin_password = \"pw\"\nsslmode = \"{mode}\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\n"
+        ))
+        .unwrap();
+        ServerTls::from_config(&config.cluster).unwrap()
+    }
+
+    /// A server that answers the SSLRequest with `answer`, then closes; it
+    /// hands back the bytes it was sent first.
+    async fn server(answer: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = vec![0; 8];
+            if tcp.read_exact(&mut request).await.is_err() {
+                return Vec::new();
+            }
+            tcp.write_all(answer).await.unwrap();
+            request
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_server_without_tls_is_refused_unless_preferred() {
+        for (mode, refused) in [("require", true), ("prefer", false)] {
+            let (addr, server) = server(b"N").await;
+            let tls = tls(mode);
+            let result = ServerStream::connect(addr, &tls).await;
+            assert_eq!(
+                server.await.unwrap(),
+                startup::encode_ssl_request().to_vec()
+            );
+            match result {
+                Err(ServerError::TlsRefused(m)) if refused => assert_eq!(m.as_str(), mode),
+                Ok(ServerStream::Plain(_)) if !refused => {}
+                Err(e) => panic!("{mode}: {e}"),
+                Ok(_) => panic!("{mode}: connected"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_is_an_error_not_a_hang() {
+        // 'S', then bytes that are no TLS record.
+        let (addr, server) = server(b"SXXXXXXXXXXXXXXXXX").await;
+        let result = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            ServerStream::connect(addr, &tls("require")),
+        )
+        .await
+        .expect("no hang");
+        server.await.unwrap();
+        assert!(
+            matches!(result, Err(ServerError::Tls(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn disable_sends_no_ssl_request() {
+        let (addr, server) = server(b"").await;
+        let stream = ServerStream::connect(addr, &tls("disable")).await.unwrap();
+        assert!(!stream.is_tls());
+        drop(stream);
+        assert!(server.await.unwrap().is_empty(), "nothing was sent");
+    }
+}

@@ -19,7 +19,7 @@ distinguished_name = dn
 x509_extensions = ca
 prompt = no
 [dn]
-CN = tidepool test CA
+CN = tidepool test CA NAME
 [ca]
 basicConstraints = critical,CA:TRUE
 keyUsage = critical,keyCertSign,cRLSign
@@ -39,7 +39,7 @@ impl Pki {
     pub fn generate(dir: &Path, name: &str) -> Pki {
         let path = |file: &str| dir.join(format!("{name}-{file}"));
         let (ca_conf, ext) = (path("ca.cnf"), path("server.ext"));
-        std::fs::write(&ca_conf, CA_CONF).unwrap();
+        std::fs::write(&ca_conf, CA_CONF.replace("NAME", name)).unwrap();
         std::fs::write(&ext, SERVER_EXT).unwrap();
         let pki = Pki {
             ca_cert: path("ca.crt"),
