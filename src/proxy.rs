@@ -101,14 +101,14 @@ impl Proxy {
 
         let shared = Arc::new(Shared {
             users: users::build(&config.users),
-            pools: Pools::new(config.pool.clone(), server_tls, metrics.clone()),
+            pools: Pools::new(config.pool.clone(), server_tls.clone(), metrics.clone()),
             topology: topology.clone(),
             classifier: Classifier::new(
                 config.routing.classify_cache_size,
                 &config.routing.write_functions,
             ),
             picker: ReplicaPicker::default(),
-            cancels: CancelRegistry::default(),
+            cancels: CancelRegistry::new(server_tls, config.pool.connect_timeout),
             tls,
             busy,
             metrics,

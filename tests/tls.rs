@@ -230,6 +230,22 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     })
     .unwrap_err();
     assert!(err.contains("certificate verify failed"), "{err}");
+    // A cancel is forwarded to the node on its own TLS connection.
+    let url = format!(
+        "host=127.0.0.1 port={} user=app password=app dbname=postgres connect_timeout=10",
+        p.addr().port()
+    );
+    let client = common::connect(&url).await.unwrap();
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the cancel arrives")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err), "57014", "{err}");
     p.shutdown().await;
 
     // A CA that did not sign the nodes' certificate: no node is reachable.

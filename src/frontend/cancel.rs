@@ -4,13 +4,16 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
+use crate::pool::ServerError;
+use crate::pool::stream::ServerStream;
 use crate::protocol::backend::BackendKey;
 use crate::protocol::startup;
+use crate::server_tls::ServerTls;
 
 struct Entry {
     secret: i32,
@@ -18,9 +21,14 @@ struct Entry {
     target: Option<(SocketAddr, BackendKey)>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CancelRegistry {
     entries: Arc<Mutex<HashMap<i32, Entry>>>,
+    /// A cancel reaches the node the way the pools' connections do, over
+    /// TLS when `[cluster] sslmode` says so: the server's key stays private.
+    tls: ServerTls,
+    /// Connecting to the node (and the TLS handshake) must end within this.
+    connect_timeout: Duration,
 }
 
 /// A client's registration; dropping it forgets the key.
@@ -30,6 +38,14 @@ pub struct CancelHandle {
 }
 
 impl CancelRegistry {
+    pub fn new(tls: ServerTls, connect_timeout: Duration) -> CancelRegistry {
+        CancelRegistry {
+            entries: Arc::default(),
+            tls,
+            connect_timeout,
+        }
+    }
+
     /// A new key, with `pid` when one is wanted and free (session mode: the
     /// server backend's own pid), else a random one.
     pub fn register(&self, pid: Option<i32>) -> CancelHandle {
@@ -72,13 +88,27 @@ impl CancelRegistry {
         let Some((addr, server_key)) = target else {
             return;
         };
-        match TcpStream::connect(addr).await {
-            Ok(mut stream) => {
-                let _ = stream.write_all(&startup::encode_cancel(server_key)).await;
-                let _ = stream.shutdown().await;
+        let connect = ServerStream::connect(addr, &self.tls);
+        let connected = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .unwrap_or(Err(ServerError::Timeout));
+        let mut stream = match connected {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "could not forward cancel request");
+                return;
             }
-            Err(e) => tracing::warn!(%addr, error = %e, "could not forward cancel request"),
-        }
+        };
+        // The server closes once it has read the request: errors after the
+        // write say nothing about the cancel.
+        let send = async {
+            stream
+                .write_all(&startup::encode_cancel(server_key))
+                .await?;
+            stream.flush().await?;
+            stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(self.connect_timeout, send).await;
     }
 }
 
