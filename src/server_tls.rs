@@ -7,6 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256, Sha384, Sha512};
+use x509_cert::Certificate;
+use x509_cert::der::Decode;
+use x509_cert::der::oid::db::rfc5912::{
+    ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ECDSA_WITH_SHA_512, SHA_1_WITH_RSA_ENCRYPTION,
+    SHA_256_WITH_RSA_ENCRYPTION, SHA_384_WITH_RSA_ENCRYPTION, SHA_512_WITH_RSA_ENCRYPTION,
+};
+
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_rustls::TlsConnector;
@@ -94,6 +102,25 @@ impl ServerTls {
             ServerSslMode::Require | ServerSslMode::VerifyFull => SslMode::Require,
         }
     }
+}
+
+/// The tls-server-end-point channel binding data (RFC 5929) of a server
+/// certificate: its hash with the hash function of its signature algorithm,
+/// SHA-256 for SHA-1 (as PostgreSQL computes it). `None` for algorithms
+/// without one (Ed25519) or that PostgreSQL cannot bind to either.
+pub fn end_point_hash(certificate: &[u8]) -> Option<Vec<u8>> {
+    let algorithm = Certificate::from_der(certificate)
+        .ok()?
+        .signature_algorithm
+        .oid;
+    Some(match algorithm {
+        SHA_1_WITH_RSA_ENCRYPTION | SHA_256_WITH_RSA_ENCRYPTION | ECDSA_WITH_SHA_256 => {
+            Sha256::digest(certificate).to_vec()
+        }
+        SHA_384_WITH_RSA_ENCRYPTION | ECDSA_WITH_SHA_384 => Sha384::digest(certificate).to_vec(),
+        SHA_512_WITH_RSA_ENCRYPTION | ECDSA_WITH_SHA_512 => Sha512::digest(certificate).to_vec(),
+        _ => return None,
+    })
 }
 
 fn root_store(path: &Path) -> Result<RootCertStore, ServerTlsError> {

@@ -202,6 +202,9 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     );
     assert_eq!(port, primary);
     assert!(ssl, "the primary's backend is on TLS");
+    // The pools' logins are bound to the certificate (SCRAM channel binding).
+    let text = logs.text();
+    assert!(text.contains("SCRAM-SHA-256-PLUS"), "{text}");
     // The monitor's admin connections (tokio-postgres) are encrypted too.
     for index in 0..cluster.nodes().len() {
         let seen = tokio::task::block_in_place(|| {
@@ -293,5 +296,6 @@ async fn require_refuses_a_plain_server_and_prefer_falls_back() {
     );
     assert_eq!(port, cluster.primary().port);
     assert!(!ssl);
+    assert!(!logs.text().contains("SCRAM-SHA-256-PLUS"));
     preferred.shutdown().await;
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use lru::LruCache;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::stream::ServerStream;
@@ -37,6 +39,51 @@ pub enum ServerError {
     Tls(std::io::Error),
     #[error("server does not support TLS, and sslmode is {}", .0.as_str())]
     TlsRefused(ServerSslMode),
+}
+
+/// What SCRAM binds the exchange to, so that a man in the middle of a TLS
+/// connection whose certificate was not checked (sslmode prefer, require)
+/// cannot relay the authentication.
+#[derive(Debug, PartialEq, Eq)]
+enum Binding {
+    /// Plain TCP, or a certificate whose hash cannot be bound to: "n".
+    None,
+    /// TLS, and the server did not offer binding: "y", so that a server that
+    /// does support it sees the downgrade and refuses.
+    NotOffered,
+    /// SCRAM-SHA-256-PLUS over the certificate's end-point hash.
+    EndPoint(Vec<u8>),
+}
+
+impl From<Binding> for ChannelBinding {
+    fn from(binding: Binding) -> ChannelBinding {
+        match binding {
+            Binding::None => ChannelBinding::unsupported(),
+            Binding::NotOffered => ChannelBinding::unrequested(),
+            Binding::EndPoint(hash) => ChannelBinding::tls_server_end_point(hash),
+        }
+    }
+}
+
+/// The SASL mechanism and channel binding to use, as libpq chooses them.
+fn scram_binding(
+    offered: &[&[u8]],
+    tls: bool,
+    end_point: Option<Vec<u8>>,
+) -> Result<(&'static str, Binding), ServerError> {
+    let has = |m: &str| offered.contains(&m.as_bytes());
+    let choice = match (has(SCRAM_SHA_256_PLUS), end_point) {
+        (true, Some(hash)) => return Ok((SCRAM_SHA_256_PLUS, Binding::EndPoint(hash))),
+        (true, None) => Binding::None,
+        (false, _) if tls => Binding::NotOffered,
+        (false, _) => Binding::None,
+    };
+    match has(SCRAM_SHA_256) {
+        true => Ok((SCRAM_SHA_256, choice)),
+        false => Err(ServerError::UnsupportedAuth(
+            "SASL without SCRAM-SHA-256".into(),
+        )),
+    }
 }
 
 /// Who a server connection logs in as.
@@ -123,17 +170,15 @@ impl ServerConnection {
                         self.send(&frontend::password(hash.as_bytes())).await?
                     }
                     Auth::Sasl { mechanisms } => {
-                        if !mechanisms.iter().any(|m| *m == SCRAM_SHA_256.as_bytes()) {
-                            return Err(ServerError::UnsupportedAuth(
-                                "SASL without SCRAM-SHA-256".into(),
-                            ));
-                        }
-                        let exchange = ScramSha256::new(
-                            login.password.expose().as_bytes(),
-                            ChannelBinding::unsupported(),
-                        );
-                        let first =
-                            frontend::sasl_initial_response(SCRAM_SHA_256, exchange.message());
+                        let (mechanism, binding) = scram_binding(
+                            &mechanisms,
+                            self.stream.is_tls(),
+                            self.stream.end_point_hash(),
+                        )?;
+                        tracing::debug!(addr = %self.addr, mechanism, "authenticating to the server");
+                        let exchange =
+                            ScramSha256::new(login.password.expose().as_bytes(), binding.into());
+                        let first = frontend::sasl_initial_response(mechanism, exchange.message());
                         scram = Some(exchange);
                         self.send(&first).await?;
                     }
@@ -284,5 +329,37 @@ impl ServerConnection {
         })
         .await
         .map_err(|_| ServerError::Timeout)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
+    const PLAIN: &[u8] = b"SCRAM-SHA-256";
+
+    #[test]
+    fn scram_binds_to_the_certificate_when_it_can() {
+        let hash = || Some(vec![7; 32]);
+        assert_eq!(
+            scram_binding(&[PLUS, PLAIN], true, hash()).unwrap(),
+            (SCRAM_SHA_256_PLUS, Binding::EndPoint(vec![7; 32]))
+        );
+        // A certificate we cannot hash: no binding, and say so honestly.
+        assert_eq!(
+            scram_binding(&[PLUS, PLAIN], true, None).unwrap(),
+            (SCRAM_SHA_256, Binding::None)
+        );
+        // Binding stripped from a TLS server's offer: "y" lets it notice.
+        assert_eq!(
+            scram_binding(&[PLAIN], true, hash()).unwrap(),
+            (SCRAM_SHA_256, Binding::NotOffered)
+        );
+        assert_eq!(
+            scram_binding(&[PLAIN], false, None).unwrap(),
+            (SCRAM_SHA_256, Binding::None)
+        );
+        assert!(scram_binding(&[b"SCRAM-SHA-1"], false, None).is_err());
     }
 }

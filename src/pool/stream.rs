@@ -14,7 +14,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use super::server::ServerError;
 use crate::config::ServerSslMode;
 use crate::protocol::{ProtocolError, startup};
-use crate::server_tls::ServerTls;
+use crate::server_tls::{self, ServerTls};
 
 /// An enum rather than a boxed trait object: the plain path stays a direct
 /// call into the `TcpStream`, as fast as before TLS existed.
@@ -61,6 +61,15 @@ impl ServerStream {
 
     pub fn is_tls(&self) -> bool {
         matches!(self, ServerStream::Tls(_))
+    }
+
+    /// What SCRAM can bind to: the server certificate's end-point hash.
+    pub fn end_point_hash(&self) -> Option<Vec<u8>> {
+        let ServerStream::Tls(tls) = self else {
+            return None;
+        };
+        let certificate = tls.get_ref().1.peer_certificates()?.first()?;
+        server_tls::end_point_hash(certificate)
     }
 }
 
