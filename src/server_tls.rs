@@ -194,3 +194,33 @@ impl ServerCertVerifier for Unchecked {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn cluster(root_cert: &Path) -> ClusterConfig {
+        let text = format!(
+            "[cluster]\nnodes = [\"127.0.0.1:5432\"]\nadmin_user = \"p\"\nadmin_password = \"x\"\nsslmode = \"verify-full\"\nssl_root_cert = {:?}\n\n[[users]]\nname = \"a\"\npassword = \"b\"\n",
+            root_cert.display().to_string()
+        );
+        Config::parse(&text).unwrap().cluster
+    }
+
+    #[test]
+    fn an_unusable_root_certificate_is_refused_at_start_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = ServerTls::from_config(&cluster(&missing)).unwrap_err();
+        assert!(matches!(err, ServerTlsError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("cluster.ssl_root_cert"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = ServerTls::from_config(&cluster(&empty)).unwrap_err();
+        assert!(
+            matches!(err, ServerTlsError::NoCertificates { .. }),
+            "{err}"
+        );
+    }
+}
