@@ -174,6 +174,24 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     let primary = cluster.primary().port;
     let replicas: Vec<u16> = cluster.replicas().iter().map(|n| n.port).collect();
 
+    // A CA that did not sign the nodes' certificate: no node is reachable.
+    let wrong = proxy(
+        &cluster,
+        &server_tls("verify-full", Some(&stranger.ca_cert)),
+        |_| {},
+    )
+    .await;
+    refused_promptly(&wrong, &logs, "invalid peer certificate").await;
+    wrong.shutdown().await;
+
+    // disable sends no SSLRequest, even to a node that offers TLS.
+    let plain = proxy(&cluster, &server_tls("disable", None), |_| {}).await;
+    assert!(all_up(&topology_health(&plain, all_up).await));
+    let (port, ssl) = served(&plain, &[], WHO_AND_TLS);
+    assert!(replicas.contains(&port), "{port}");
+    assert!(!ssl, "sslmode = disable stays in plain text");
+    plain.shutdown().await;
+
     // Clients reach the proxy with verify-full too, against the same CA.
     let ca = pki.ca_cert.display().to_string();
     let client_tls = [("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", ca.as_str())];
@@ -205,18 +223,26 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     // The pools' logins are bound to the certificate (SCRAM channel binding).
     let text = logs.text();
     assert!(text.contains("SCRAM-SHA-256-PLUS"), "{text}");
-    // The monitor's admin connections (tokio-postgres) are encrypted too.
+    // The monitor's admin connections (tokio-postgres) are encrypted too
+    // (the earlier proxies' ones may take a moment to go away).
     for index in 0..cluster.nodes().len() {
-        let seen = tokio::task::block_in_place(|| {
-            cluster.psql(
-                index,
-                "select count(*), bool_and(s.ssl) from pg_stat_ssl s
-                   join pg_stat_activity a using (pid)
-                  where a.application_name = 'tidepool-monitor'",
-            )
-        })
-        .unwrap();
-        assert_eq!(seen, "1|t", "node {index}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = tokio::task::block_in_place(|| {
+                cluster.psql(
+                    index,
+                    "select count(*), bool_and(s.ssl) from pg_stat_ssl s
+                       join pg_stat_activity a using (pid)
+                      where a.application_name = 'tidepool-monitor'",
+                )
+            })
+            .unwrap();
+            if seen == "1|t" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {index}: {seen}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     // A client that does not trust the CA is refused by psql itself: the
     // proxy's certificate really is the one checked.
@@ -250,24 +276,6 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
         .unwrap_err();
     assert_eq!(common::sqlstate(&err), "57014", "{err}");
     p.shutdown().await;
-
-    // A CA that did not sign the nodes' certificate: no node is reachable.
-    let wrong = proxy(
-        &cluster,
-        &server_tls("verify-full", Some(&stranger.ca_cert)),
-        |_| {},
-    )
-    .await;
-    refused_promptly(&wrong, &logs, "invalid peer certificate").await;
-    wrong.shutdown().await;
-
-    // disable sends no SSLRequest, even to a node that offers TLS.
-    let plain = proxy(&cluster, &server_tls("disable", None), |_| {}).await;
-    assert!(all_up(&topology_health(&plain, all_up).await));
-    let (port, ssl) = served(&plain, &[], WHO_AND_TLS);
-    assert!(replicas.contains(&port), "{port}");
-    assert!(!ssl, "sslmode = disable stays in plain text");
-    plain.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
