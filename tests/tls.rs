@@ -192,6 +192,15 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     assert!(!ssl, "sslmode = disable stays in plain text");
     plain.shutdown().await;
 
+    // require encrypts without checking the certificate (no root certificate
+    // is configured at all).
+    let unchecked = proxy(&cluster, &server_tls("require", None), |_| {}).await;
+    assert!(all_up(&topology_health(&unchecked, all_up).await));
+    let (port, ssl) = served(&unchecked, &[], WHO_AND_TLS);
+    assert!(replicas.contains(&port), "{port}");
+    assert!(ssl, "sslmode = require is on TLS");
+    unchecked.shutdown().await;
+
     // Clients reach the proxy with verify-full too, against the same CA.
     let ca = pki.ca_cert.display().to_string();
     let client_tls = [("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", ca.as_str())];
