@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::http;
@@ -94,25 +94,50 @@ fn all_up(health: &[String]) -> bool {
     health.iter().all(|h| h.ends_with(":up"))
 }
 
-/// The proxy's log lines (nextest runs each test in its own process, so a
-/// global subscriber sees only this test's proxies).
+/// tidepool's log lines. One subscriber per test process: nextest gives
+/// each test its own process, `cargo test` runs both tests in one, so the
+/// checks pick the lines about their own nodes, or reasons only they cause.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
 
+static LOGS: OnceLock<Logs> = OnceLock::new();
+
 impl Logs {
     fn capture() -> Logs {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("tidepool=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        logs
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            tracing_subscriber::fmt()
+                .with_env_filter("tidepool=debug")
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .init();
+            logs
+        })
+        .clone()
     }
 
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Where the log ends now: `about` looks only at what comes after it.
+    fn mark(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// The lines since `mark` with `what` that name one of `cluster`'s nodes.
+    fn about(&self, mark: usize, cluster: &Cluster, what: &str) -> Vec<String> {
+        let addrs: Vec<String> = cluster
+            .nodes()
+            .iter()
+            .map(|n| n.addr().to_string())
+            .collect();
+        self.text()[mark..]
+            .lines()
+            .filter(|l| l.contains(what) && addrs.iter().any(|a| l.contains(a.as_str())))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -150,11 +175,11 @@ async fn refused_promptly(proxy: &Proxy, logs: &Logs, why: &str) {
     let nodes = topology_health(proxy, |h| h.iter().all(|h| h.ends_with(":down"))).await;
     assert!(nodes.iter().all(|h| h.ends_with(":down")), "{nodes:?}");
     let text = logs.text();
-    let failed = text
-        .lines()
-        .find(|l| l.contains("node poll failed"))
-        .unwrap_or_else(|| panic!("no failed poll logged:\n{text}"));
-    assert!(failed.contains(why), "{failed}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("node poll failed") && l.contains(why)),
+        "no failed poll for {why:?} logged:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -204,6 +229,7 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     // Clients reach the proxy with verify-full too, against the same CA.
     let ca = pki.ca_cert.display().to_string();
     let client_tls = [("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", ca.as_str())];
+    let verified = logs.mark();
     let p = proxy(
         &cluster,
         &server_tls("verify-full", Some(&pki.ca_cert)),
@@ -230,8 +256,11 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     assert_eq!(port, primary);
     assert!(ssl, "the primary's backend is on TLS");
     // The pools' logins are bound to the certificate (SCRAM channel binding).
-    let text = logs.text();
-    assert!(text.contains("SCRAM-SHA-256-PLUS"), "{text}");
+    let logins = logs.about(verified, &cluster, "authenticating to the server");
+    assert!(
+        !logins.is_empty() && logins.iter().all(|l| l.contains("SCRAM-SHA-256-PLUS")),
+        "{logins:#?}"
+    );
     // The monitor's admin connections (tokio-postgres) are encrypted too
     // (the earlier proxies' ones may take a moment to go away).
     for index in 0..cluster.nodes().len() {
@@ -313,6 +342,10 @@ async fn require_refuses_a_plain_server_and_prefer_falls_back() {
     );
     assert_eq!(port, cluster.primary().port);
     assert!(!ssl);
-    assert!(!logs.text().contains("SCRAM-SHA-256-PLUS"));
+    let logins = logs.about(0, &cluster, "authenticating to the server");
+    assert!(
+        !logins.is_empty() && logins.iter().all(|l| !l.contains("SCRAM-SHA-256-PLUS")),
+        "{logins:#?}"
+    );
     preferred.shutdown().await;
 }
