@@ -349,3 +349,30 @@ async fn require_refuses_a_plain_server_and_prefer_falls_back() {
     );
     preferred.shutdown().await;
 }
+
+/// `tidepool check-config` reads the CA file as a start would: an unusable
+/// one fails the check, naming the key.
+#[test]
+fn check_config_reads_the_root_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path(), "check");
+    let check = |root: &Path| {
+        let config = dir.path().join("tidepool.toml");
+        let toml = format!(
+            "[cluster]\nnodes = [\"127.0.0.1:5432\"]\nadmin_user = \"postgres\"\nadmin_password = \"pw\"\n{}\n[[users]]\nname = \"app\"\npassword = \"app\"\n",
+            server_tls("verify-full", Some(root))
+        );
+        std::fs::write(&config, toml).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let good = check(&pki.ca_cert);
+    assert!(good.status.success(), "{good:?}");
+    let bad = check(&pki.server_key);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("cluster.ssl_root_cert"), "{stderr}");
+}
