@@ -365,8 +365,51 @@ pub struct Secret(String);
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
-        let given = String::deserialize(deserializer)?;
-        Secret::resolve(&given).map_err(serde::de::Error::custom)
+        deserializer.deserialize_str(SecretVisitor)
+    }
+}
+
+/// serde's own messages for a value of the wrong type quote numbers and
+/// booleans: a numeric password must not end up in an error.
+struct SecretVisitor;
+
+impl serde::de::Visitor<'_> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string: the secret, \"env:NAME\" or \"file:/path\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, given: &str) -> Result<Secret, E> {
+        Secret::resolve(given).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("integer"),
+            &self,
+        ))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("integer"),
+            &self,
+        ))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("float"),
+            &self,
+        ))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("boolean"),
+            &self,
+        ))
     }
 }
 
@@ -410,7 +453,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -558,6 +601,33 @@ impl Config {
     }
 }
 
+/// Keys whose values are secrets (`Secret` fields).
+const SECRET_KEYS: [&str; 3] = ["password", "admin_password", "token"];
+
+/// toml's message quotes the line it failed on, which may hold a password:
+/// an error on a secret's line says where and why (`SecretVisitor` keeps
+/// the why free of the value), not what was there.
+fn parse_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let Some(span) = error.span() else {
+        return ConfigError::Parse(error.to_string());
+    };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(key, _)| {
+        let key = key.trim().rsplit('.').next().unwrap_or("");
+        key.trim().trim_matches(['"', '\''])
+    });
+    match key {
+        Some(key) if SECRET_KEYS.contains(&key) => ConfigError::Parse(format!(
+            "TOML parse error at line {} (`{key}`, value not shown): {}",
+            text[..start].matches('\n').count() + 1,
+            error.message().trim_end(),
+        )),
+        _ => ConfigError::Parse(error.to_string()),
+    }
+}
+
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .parse()
@@ -663,6 +733,29 @@ password = "app"
             Config::parse("[cluster]\nnodes = []\nadmin_user = \"p\"\nadmin_password = \"\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("cluster.nodes"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_never_quote_a_secret() {
+        let cases = [
+            (
+                "admin_password = \"pw\"",
+                "admin_password = \"Hunter2Secret",
+            ),
+            ("admin_password = \"pw\"", "admin_password = 20242024"),
+            ("admin_password = \"pw\"", "admin_password = Hunter2Secret"),
+            ("password = \"app\"", "password = [\"Hunter2Secret\"]"),
+            ("password = \"app\"", "\"password\" = Hunter2Secret"),
+        ];
+        for (good, bad) in cases {
+            let text = MINIMAL.replace(good, bad);
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(!err.contains("Hunter2") && !err.contains("2024"), "{err}");
+            assert!(err.contains("password") && err.contains("line"), "{err}");
+        }
+        let text = format!("{MINIMAL}\n[admin]\ntoken = 12345678\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(!err.contains("12345678") && err.contains("token"), "{err}");
     }
 
     #[test]
