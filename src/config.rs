@@ -244,6 +244,48 @@ pub struct ClusterConfig {
     /// Consecutive failed polls before a node is marked down.
     #[serde(default = "default_failures_before_down")]
     pub failures_before_down: u32,
+    /// TLS to the nodes, for client traffic and admin connections alike.
+    #[serde(default)]
+    pub sslmode: ServerSslMode,
+    /// PEM CA certificates that a node's certificate must chain to
+    /// (`verify-full` only, where it is required).
+    #[serde(default)]
+    pub ssl_root_cert: Option<PathBuf>,
+}
+
+/// How the proxy uses TLS towards the nodes; the names and meanings are
+/// libpq's `sslmode` (and PgBouncer's `server_tls_sslmode`), minus the modes
+/// that offer no protection tidepool's users would choose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Never TLS.
+    Disable,
+    /// TLS when the node offers it, plain text when it does not; the
+    /// certificate is not checked (protects against eavesdropping only).
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS or no connection, and the certificate must chain to
+    /// `ssl_root_cert` and name the node's address (an IP SAN).
+    VerifyFull,
+}
+
+impl ServerSslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerSslMode::Disable => "disable",
+            ServerSslMode::Prefer => "prefer",
+            ServerSslMode::Require => "require",
+            ServerSslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// A node that answers an SSLRequest with 'N' may not be used.
+    pub fn requires_tls(self) -> bool {
+        matches!(self, ServerSslMode::Require | ServerSslMode::VerifyFull)
+    }
 }
 
 fn default_poll_interval() -> Duration {
@@ -350,8 +392,51 @@ pub struct Secret(String);
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
-        let given = String::deserialize(deserializer)?;
-        Secret::resolve(&given).map_err(serde::de::Error::custom)
+        deserializer.deserialize_str(SecretVisitor)
+    }
+}
+
+/// serde's own messages for a value of the wrong type quote numbers and
+/// booleans: a numeric password must not end up in an error.
+struct SecretVisitor;
+
+impl serde::de::Visitor<'_> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string: the secret, \"env:NAME\" or \"file:/path\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, given: &str) -> Result<Secret, E> {
+        Secret::resolve(given).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("integer"),
+            &self,
+        ))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("integer"),
+            &self,
+        ))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("float"),
+            &self,
+        ))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+        Err(E::invalid_type(
+            serde::de::Unexpected::Other("boolean"),
+            &self,
+        ))
     }
 }
 
@@ -395,7 +480,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -456,6 +541,25 @@ impl Config {
                 "cluster.failures_before_down",
                 "must be at least 1",
             ));
+        }
+        match (self.cluster.sslmode, &self.cluster.ssl_root_cert) {
+            (ServerSslMode::VerifyFull, None) => {
+                return Err(invalid(
+                    "cluster.ssl_root_cert",
+                    "sslmode = \"verify-full\" needs the CA certificates to verify against",
+                ));
+            }
+            // Silently not verifying would give a false sense of security.
+            (mode, Some(_)) if mode != ServerSslMode::VerifyFull => {
+                return Err(invalid(
+                    "cluster.ssl_root_cert",
+                    format!(
+                        "only used with sslmode = \"verify-full\" (sslmode is {:?})",
+                        mode.as_str()
+                    ),
+                ));
+            }
+            _ => {}
         }
         if self.coordinator.cluster.is_empty() || self.coordinator.cluster.contains('/') {
             return Err(invalid(
@@ -557,6 +661,33 @@ impl Config {
     }
 }
 
+/// Keys whose values are secrets (`Secret` fields).
+const SECRET_KEYS: [&str; 3] = ["password", "admin_password", "token"];
+
+/// toml's message quotes the line it failed on, which may hold a password:
+/// an error on a secret's line says where and why (`SecretVisitor` keeps
+/// the why free of the value), not what was there.
+fn parse_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let Some(span) = error.span() else {
+        return ConfigError::Parse(error.to_string());
+    };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(key, _)| {
+        let key = key.trim().rsplit('.').next().unwrap_or("");
+        key.trim().trim_matches(['"', '\''])
+    });
+    match key {
+        Some(key) if SECRET_KEYS.contains(&key) => ConfigError::Parse(format!(
+            "TOML parse error at line {} (`{key}`, value not shown): {}",
+            text[..start].matches('\n').count() + 1,
+            error.message().trim_end(),
+        )),
+        _ => ConfigError::Parse(error.to_string()),
+    }
+}
+
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .parse()
@@ -588,6 +719,33 @@ password = "app"
         assert_eq!(config.routing.max_replica_lag, Duration::from_secs(10));
         assert_eq!(config.cluster.poll_timeout, Duration::from_secs(1));
         assert_eq!(config.cluster.failures_before_down, 3);
+        assert_eq!(config.cluster.sslmode, ServerSslMode::Prefer);
+    }
+
+    #[test]
+    fn server_sslmode_and_root_cert_go_together() {
+        let with = |lines: &str| {
+            Config::parse(&MINIMAL.replace(
+                "admin_password = \"pw\"",
+                &format!("admin_password = \"pw\"\n{lines}"),
+            ))
+        };
+        let config = with("sslmode = \"verify-full\"\nssl_root_cert = \"/ca.pem\"").unwrap();
+        assert_eq!(config.cluster.sslmode, ServerSslMode::VerifyFull);
+        assert_eq!(
+            with("sslmode = \"disable\"").unwrap().cluster.sslmode,
+            ServerSslMode::Disable
+        );
+        assert_eq!(
+            with("sslmode = \"require\"").unwrap().cluster.sslmode,
+            ServerSslMode::Require
+        );
+        let err = with("sslmode = \"verify-full\"").unwrap_err();
+        assert!(err.to_string().contains("cluster.ssl_root_cert"), "{err}");
+        let err = with("sslmode = \"require\"\nssl_root_cert = \"/ca.pem\"").unwrap_err();
+        assert!(err.to_string().contains("cluster.ssl_root_cert"), "{err}");
+        let err = with("sslmode = \"verify-ca\"").unwrap_err();
+        assert!(err.to_string().contains("sslmode"), "{err}");
     }
 
     #[test]
@@ -635,6 +793,29 @@ password = "app"
             Config::parse("[cluster]\nnodes = []\nadmin_user = \"p\"\nadmin_password = \"\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("cluster.nodes"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_never_quote_a_secret() {
+        let cases = [
+            (
+                "admin_password = \"pw\"",
+                "admin_password = \"Hunter2Secret",
+            ),
+            ("admin_password = \"pw\"", "admin_password = 20242024"),
+            ("admin_password = \"pw\"", "admin_password = Hunter2Secret"),
+            ("password = \"app\"", "password = [\"Hunter2Secret\"]"),
+            ("password = \"app\"", "\"password\" = Hunter2Secret"),
+        ];
+        for (good, bad) in cases {
+            let text = MINIMAL.replace(good, bad);
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(!err.contains("Hunter2") && !err.contains("2024"), "{err}");
+            assert!(err.contains("password") && err.contains("line"), "{err}");
+        }
+        let text = format!("{MINIMAL}\n[admin]\ntoken = 12345678\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(!err.contains("12345678") && err.contains("token"), "{err}");
     }
 
     #[test]

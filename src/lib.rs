@@ -2,7 +2,8 @@
 //!
 //! The module layout follows the data flow:
 //! `frontend` (listener → startup/auth → session) → `route` (classify → policy)
-//! → `pool` (server connections) → PostgreSQL, with `topology` (who is primary,
+//! → `pool` (server connections) → PostgreSQL (over `server_tls` when
+//! configured, as the admin connections are), with `topology` (who is primary,
 //! who is up) beside it, `proxy` wiring them together, `metrics` and `admin`
 //! (HTTP: /metrics, /health, /ready, /topology) for operators, and `demo`
 //! bootstrapping local clusters for the demo, the tests and the benchmarks.
@@ -19,4 +20,5 @@ pub mod protocol;
 pub mod proxy;
 pub mod reload;
 pub mod route;
+pub mod server_tls;
 pub mod topology;

@@ -10,6 +10,7 @@ use tidepool::demo::{
     cluster::{Cluster, ClusterSpec},
 };
 use tidepool::proxy::Proxy;
+use tidepool::server_tls::ServerTls;
 
 #[derive(Parser)]
 #[command(name = "tidepool", version, about = "A replica-aware PostgreSQL proxy")]
@@ -94,7 +95,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
         Command::Demo { listen } => runtime.block_on(run_demo(listen)),
+        // The CA file too: a start must not fail on what the check passed.
         Command::CheckConfig { file } => Config::load(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|c| ServerTls::from_config(&c.cluster).map_err(|e| e.to_string()))
             .map(|_| println!("{}: ok", file.display()))
             .map_err(|e| format!("{}: {e}", file.display())),
         Command::Ctl {

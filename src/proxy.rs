@@ -24,6 +24,7 @@ use crate::pool::Pools;
 use crate::reload::{self, ReloadError};
 use crate::route::classify::Classifier;
 use crate::route::policy::ReplicaPicker;
+use crate::server_tls::{ServerTls, ServerTlsError};
 use crate::topology::monitor::{self, MonitorSettings};
 use crate::topology::{SharedTopology, Topology};
 
@@ -41,6 +42,8 @@ pub enum StartError {
         path: PathBuf,
         source: crate::config::ConfigError,
     },
+    #[error(transparent)]
+    ServerTls(#[from] ServerTlsError),
 }
 
 /// A running proxy. Dropping it does not stop it; call `shutdown`.
@@ -94,6 +97,7 @@ impl Proxy {
                 source,
             })?;
         let tls = tls_acceptor(&config)?;
+        let server_tls = ServerTls::from_config(&config.cluster)?;
         let metrics = Arc::new(Metrics::new(&config.node_addrs()));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -101,12 +105,12 @@ impl Proxy {
         let topology = SharedTopology::new(Topology::unknown(&config.node_addrs()));
         let monitor = monitor::start(
             topology.clone(),
-            MonitorSettings::from_config(&live),
+            MonitorSettings::from_config(&live, &server_tls),
             shutdown_rx.clone(),
         )
         .await;
         let busy = Arc::new(AtomicU64::new(0));
-        let settings = HaSettings::from_config(&config, addr);
+        let settings = HaSettings::from_config(&config, addr, &server_tls);
         let store = ha::store_for(&config, &settings);
         tracing::info!(store = %store.describe(), proxy = %settings.proxy_id, "joining the cluster");
         let (ha, member) = ha::start(
@@ -121,14 +125,14 @@ impl Proxy {
         let shared = Arc::new(Shared {
             users: ArcSwap::from_pointee(users::build(&config.users)),
             client_slots: listener::ClientSlots::new(config.listen.max_clients),
-            pools: Pools::new(config.pool.clone(), metrics.clone()),
+            pools: Pools::new(config.pool.clone(), server_tls.clone(), metrics.clone()),
             topology: topology.clone(),
             classifier: Classifier::new(
                 config.routing.classify_cache_size,
                 &config.routing.write_functions,
             ),
             picker: ReplicaPicker::default(),
-            cancels: CancelRegistry::default(),
+            cancels: CancelRegistry::new(server_tls, config.pool.connect_timeout),
             stats: Default::default(),
             tls,
             busy,

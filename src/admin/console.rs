@@ -346,7 +346,7 @@ fn servers(shared: &Shared) -> Vec<Frame> {
                 ptr(s.key.pid),
                 client.and_then(|c| ptr(c.pid)),
                 text(s.key.pid),
-                text(""),
+                text(if s.tls { "TLS" } else { "" }),
                 text("tidepool"),
             ]
         })
@@ -447,6 +447,7 @@ fn config(shared: &Shared) -> Vec<Frame> {
         ("routing.ryw_wait", format!("{:?}", c.routing.ryw_wait)),
         ("cluster.nodes", c.cluster.nodes.join(",")),
         ("cluster.admin_user", c.cluster.admin_user.clone()),
+        ("cluster.sslmode", c.cluster.sslmode.as_str().to_owned()),
         (
             "cluster.poll_interval",
             format!("{:?}", c.cluster.poll_interval),

@@ -11,7 +11,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{MetadataExt, chown};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,6 +63,8 @@ pub struct ClusterSpec {
     /// so replicas have them too), allowed to create tables in `public` and to use
     /// the tables the admin creates there (so fixtures can be set up via `psql`).
     pub users: Vec<(String, String)>,
+    /// Serve TLS (`ssl = on`) with this certificate; `None`: plain TCP only.
+    pub ssl: Option<NodeSsl>,
 }
 
 impl Default for ClusterSpec {
@@ -71,8 +73,18 @@ impl Default for ClusterSpec {
             replicas: 2,
             admin_password: "postgres".into(),
             users: vec![("app".into(), "app".into())],
+            ssl: None,
         }
     }
+}
+
+/// PEM files every node serves TLS with. They are copied into the cluster's
+/// temp dir, because PostgreSQL wants its key owned by the server's user
+/// and readable by nobody else.
+#[derive(Debug, Clone)]
+pub struct NodeSsl {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +156,8 @@ struct Env {
     /// binary runs as this `(uid, gid)` instead.
     run_as: Option<(u32, u32)>,
     admin_password: String,
+    /// Appended to every node's postgresql.conf (TLS settings).
+    server_conf: String,
 }
 
 /// A running cluster; dropping it stops every node and deletes the temp dir.
@@ -172,7 +186,10 @@ impl Cluster {
                 "passwords may not contain newlines or NUL".into(),
             ));
         }
-        let (env, dir) = Env::new(spec.admin_password)?;
+        let (mut env, dir) = Env::new(spec.admin_password)?;
+        if let Some(ssl) = &spec.ssl {
+            env.server_conf = env.install_ssl(ssl)?;
+        }
         let mut cluster = Cluster {
             env,
             nodes: Vec::new(),
@@ -369,6 +386,7 @@ impl Env {
             root,
             run_as,
             admin_password,
+            server_conf: String::new(),
         };
         env.chown(&env.root)?;
         Ok((env, dir))
@@ -397,6 +415,23 @@ impl Env {
                 .map_err(io_err(format!("chown {}", path.display()))),
             None => Ok(()),
         }
+    }
+
+    /// Copies the certificate and key where the server may read them; the
+    /// postgresql.conf lines that use them.
+    fn install_ssl(&self, ssl: &NodeSsl) -> Result<String, ClusterError> {
+        let (cert, key) = (self.root.join("server.crt"), self.root.join("server.key"));
+        for (from, to) in [(&ssl.cert, &cert), (&ssl.key, &key)] {
+            fs::copy(from, to).map_err(io_err(format!("copying {}", from.display())))?;
+            self.chown(to)?;
+        }
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+            .map_err(io_err(format!("chmod {}", key.display())))?;
+        Ok(format!(
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ))
     }
 
     fn node(&self, index: usize, port: u16) -> NodeProcess {
@@ -435,7 +470,10 @@ impl Env {
         OpenOptions::new()
             .append(true)
             .open(&conf)
-            .and_then(|mut f| writeln!(f, "{CONF}{sockets}include = '{NODE_CONF}'"))
+            .and_then(|mut f| {
+                let ssl = &self.server_conf;
+                writeln!(f, "{CONF}{sockets}{ssl}include = '{NODE_CONF}'")
+            })
             .map_err(io_err(format!("appending to {}", conf.display())))?;
         self.launch(&mut node, true)?;
         Ok(node)

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
+use crate::pool::ServerError;
+use crate::pool::stream::ServerStream;
 use crate::protocol::backend::BackendKey;
 use crate::protocol::startup;
+use crate::server_tls::ServerTls;
 
 /// Who a client is, fixed at login.
 pub struct ClientInfo {
@@ -66,9 +68,14 @@ pub struct ClientView {
     pub server: Option<(SocketAddr, BackendKey)>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CancelRegistry {
     entries: Arc<Mutex<HashMap<i32, Entry>>>,
+    /// A cancel reaches the node the way the pools' connections do, over
+    /// TLS when `[cluster] sslmode` says so: the server's key stays private.
+    tls: ServerTls,
+    /// Connecting to the node (and the TLS handshake) must end within this.
+    connect_timeout: Duration,
 }
 
 /// A client's registration; dropping it forgets the key.
@@ -78,6 +85,14 @@ pub struct CancelHandle {
 }
 
 impl CancelRegistry {
+    pub fn new(tls: ServerTls, connect_timeout: Duration) -> CancelRegistry {
+        CancelRegistry {
+            entries: Arc::default(),
+            tls,
+            connect_timeout,
+        }
+    }
+
     /// A new key, with `pid` when one is wanted and free (session mode: the
     /// server backend's own pid), else a random one.
     pub fn register(&self, pid: Option<i32>, info: Arc<ClientInfo>) -> CancelHandle {
@@ -149,19 +164,34 @@ impl CancelRegistry {
                 .and_then(|e| e.target)
         };
         if let Some((addr, server_key)) = target {
-            send_cancel(addr, server_key).await;
+            self.send_cancel(addr, server_key).await;
         }
     }
-}
 
-/// Asks the server at `addr` to cancel what the backend `key` is running.
-pub async fn send_cancel(addr: SocketAddr, key: BackendKey) {
-    match TcpStream::connect(addr).await {
-        Ok(mut stream) => {
-            let _ = stream.write_all(&startup::encode_cancel(key)).await;
-            let _ = stream.shutdown().await;
-        }
-        Err(e) => tracing::warn!(%addr, error = %e, "could not send a cancel request"),
+    /// Asks the server at `addr` to cancel what the backend `key` is
+    /// running, the way the pools reach that node (TLS or not).
+    pub async fn send_cancel(&self, addr: SocketAddr, server_key: BackendKey) {
+        let connect = ServerStream::connect(addr, &self.tls);
+        let connected = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .unwrap_or(Err(ServerError::Timeout));
+        let mut stream = match connected {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "could not send a cancel request");
+                return;
+            }
+        };
+        // The server closes once it has read the request: errors after the
+        // write say nothing about the cancel.
+        let send = async {
+            stream
+                .write_all(&startup::encode_cancel(server_key))
+                .await?;
+            stream.flush().await?;
+            stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(self.connect_timeout, send).await;
     }
 }
 

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::{Config, CoordinatorLoss};
+use crate::server_tls::ServerTls;
 use crate::topology::{Credentials, Epoch, NodeId, SharedTopology, Topology};
 use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 
@@ -183,7 +184,7 @@ pub struct HaSettings {
 }
 
 impl HaSettings {
-    pub fn from_config(config: &Config, listen: SocketAddr) -> HaSettings {
+    pub fn from_config(config: &Config, listen: SocketAddr, tls: &ServerTls) -> HaSettings {
         let c = &config.coordinator;
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
@@ -207,6 +208,7 @@ impl HaSettings {
                 user: config.cluster.admin_user.clone(),
                 password: config.cluster.admin_password.clone(),
                 connect_timeout: config.pool.connect_timeout,
+                tls: tls.clone(),
             },
         }
     }

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::topology::{Credentials, Lsn, open_admin};
+use crate::topology::{Credentials, Lsn, open_admin, postgres_error_text};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("{addr}: {source}")]
+    #[error("{addr}: {}", postgres_error_text(.source))]
     Postgres {
         addr: SocketAddr,
         source: tokio_postgres::Error,

@@ -12,6 +12,7 @@ use crate::protocol::backend::BackendKey;
 pub struct ServerInfo {
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
+    pub tls: bool,
     pub user: String,
     pub database: String,
     /// The backend's pid and secret: a client linked to this connection

@@ -10,12 +10,14 @@ use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 use super::listing::{ServerInfo, ServerList};
 use super::server::{Login, ServerConnection, ServerError};
 use crate::config::PoolConfig;
+use crate::server_tls::ServerTls;
 use crate::topology::NodeId;
 
 pub struct ServerManager {
     pub node: NodeId,
     pub addr: SocketAddr,
     pub login: Login,
+    pub tls: ServerTls,
     /// Shared by every pool and read at each use, so that a reload applies
     /// to the connections already pooled.
     pub settings: Arc<ArcSwap<PoolConfig>>,
@@ -34,6 +36,7 @@ impl deadpool::managed::Manager for ServerManager {
                 self.node,
                 self.addr,
                 &self.login,
+                &self.tls,
                 settings.prepared_statements_cap,
             ),
         )
@@ -43,6 +46,7 @@ impl deadpool::managed::Manager for ServerManager {
             conn.listed = Some(self.servers.add(ServerInfo {
                 addr: self.addr,
                 local: conn.stream.local_addr().ok(),
+                tls: conn.stream.is_tls(),
                 user: self.login.user.clone(),
                 database: self.login.database.clone(),
                 key: conn.key,

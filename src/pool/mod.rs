@@ -3,6 +3,7 @@ pub mod listing;
 pub mod manager;
 pub mod registry;
 pub mod server;
+pub mod stream;
 
 pub use registry::{PoolKey, Pools};
 pub use server::{ServerConnection, ServerError};

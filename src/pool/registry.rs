@@ -15,6 +15,7 @@ use super::manager::ServerManager;
 use super::server::{Login, ServerError};
 use crate::config::{PoolConfig, Secret};
 use crate::metrics::Metrics;
+use crate::server_tls::ServerTls;
 use crate::topology::NodeId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -88,6 +89,7 @@ impl PoolHandle {
 
 pub struct Pools {
     settings: Arc<ArcSwap<PoolConfig>>,
+    tls: ServerTls,
     /// Every open server connection, for SHOW SERVERS.
     pub servers: ServerList,
     pools: Mutex<HashMap<PoolKey, Pool<ServerManager>>>,
@@ -95,9 +97,10 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, metrics: Arc<Metrics>) -> Pools {
+    pub fn new(settings: PoolConfig, tls: ServerTls, metrics: Arc<Metrics>) -> Pools {
         Pools {
             settings: Arc::new(ArcSwap::from_pointee(settings)),
+            tls,
             servers: ServerList::default(),
             pools: Mutex::new(HashMap::new()),
             metrics,
@@ -121,6 +124,7 @@ impl Pools {
                 password: password.clone(),
                 database: key.database.clone(),
             },
+            tls: self.tls.clone(),
             settings: self.settings.clone(),
             servers: self.servers.clone(),
         };

@@ -5,16 +5,19 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use lru::LruCache;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::config::Secret;
+use super::stream::ServerStream;
+use crate::config::{Secret, ServerSslMode};
 use crate::protocol::backend::{
     self, Auth, BackendKey, ErrorFields, TxStatus, decode_parameter_status,
 };
 use crate::protocol::{Frame, ProtocolError, frame, frontend, startup};
-use crate::topology::{Lsn, NodeId};
+use crate::server_tls::ServerTls;
+use crate::topology::NodeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -32,6 +35,55 @@ pub enum ServerError {
     UnsupportedAuth(String),
     #[error("server closed the connection")]
     Closed,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("server does not support TLS, and sslmode is {}", .0.as_str())]
+    TlsRefused(ServerSslMode),
+}
+
+/// What SCRAM binds the exchange to, so that a man in the middle of a TLS
+/// connection whose certificate was not checked (sslmode prefer, require)
+/// cannot relay the authentication.
+#[derive(Debug, PartialEq, Eq)]
+enum Binding {
+    /// Plain TCP, or a certificate whose hash cannot be bound to: "n".
+    None,
+    /// TLS, and the server did not offer binding: "y", so that a server that
+    /// does support it sees the downgrade and refuses.
+    NotOffered,
+    /// SCRAM-SHA-256-PLUS over the certificate's end-point hash.
+    EndPoint(Vec<u8>),
+}
+
+impl From<Binding> for ChannelBinding {
+    fn from(binding: Binding) -> ChannelBinding {
+        match binding {
+            Binding::None => ChannelBinding::unsupported(),
+            Binding::NotOffered => ChannelBinding::unrequested(),
+            Binding::EndPoint(hash) => ChannelBinding::tls_server_end_point(hash),
+        }
+    }
+}
+
+/// The SASL mechanism and channel binding to use, as libpq chooses them.
+fn scram_binding(
+    offered: &[&[u8]],
+    tls: bool,
+    end_point: Option<Vec<u8>>,
+) -> Result<(&'static str, Binding), ServerError> {
+    let has = |m: &str| offered.contains(&m.as_bytes());
+    let choice = match (has(SCRAM_SHA_256_PLUS), end_point) {
+        (true, Some(hash)) => return Ok((SCRAM_SHA_256_PLUS, Binding::EndPoint(hash))),
+        (true, None) => Binding::None,
+        (false, _) if tls => Binding::NotOffered,
+        (false, _) => Binding::None,
+    };
+    match has(SCRAM_SHA_256) {
+        true => Ok((SCRAM_SHA_256, choice)),
+        false => Err(ServerError::UnsupportedAuth(
+            "SASL without SCRAM-SHA-256".into(),
+        )),
+    }
 }
 
 /// Who a server connection logs in as.
@@ -43,7 +95,7 @@ pub struct Login {
 }
 
 pub struct ServerConnection {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Bytes read from the server but not yet handled.
     pub read_buf: BytesMut,
     /// Messages queued for the server, written together by `flush`: a
@@ -71,10 +123,11 @@ impl ServerConnection {
         node: NodeId,
         addr: SocketAddr,
         login: &Login,
+        tls: &ServerTls,
         prepared_cap: usize,
     ) -> Result<ServerConnection, ServerError> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let stream = ServerStream::connect(addr, tls).await?;
+        tracing::debug!(%addr, tls = stream.is_tls(), user = %login.user, "server connection opened");
         let mut conn = ServerConnection {
             stream,
             read_buf: BytesMut::with_capacity(16 * 1024),
@@ -99,7 +152,8 @@ impl ServerConnection {
             ("application_name", "tidepool"),
             ("client_encoding", "UTF8"),
         ]);
-        self.stream.write_all(&packet).await?;
+        self.write_buf.extend_from_slice(&packet);
+        self.flush().await?;
         let mut scram: Option<ScramSha256> = None;
         loop {
             let frame = self.read_frame().await?;
@@ -119,17 +173,15 @@ impl ServerConnection {
                         self.send(&frontend::password(hash.as_bytes())).await?
                     }
                     Auth::Sasl { mechanisms } => {
-                        if !mechanisms.iter().any(|m| *m == SCRAM_SHA_256.as_bytes()) {
-                            return Err(ServerError::UnsupportedAuth(
-                                "SASL without SCRAM-SHA-256".into(),
-                            ));
-                        }
-                        let exchange = ScramSha256::new(
-                            login.password.expose().as_bytes(),
-                            ChannelBinding::unsupported(),
-                        );
-                        let first =
-                            frontend::sasl_initial_response(SCRAM_SHA_256, exchange.message());
+                        let (mechanism, binding) = scram_binding(
+                            &mechanisms,
+                            self.stream.is_tls(),
+                            self.stream.end_point_hash(),
+                        )?;
+                        tracing::debug!(addr = %self.addr, mechanism, "authenticating to the server");
+                        let exchange =
+                            ScramSha256::new(login.password.expose().as_bytes(), binding.into());
+                        let first = frontend::sasl_initial_response(mechanism, exchange.message());
                         scram = Some(exchange);
                         self.send(&first).await?;
                     }
@@ -177,10 +229,13 @@ impl ServerConnection {
         Ok(())
     }
 
+    /// The explicit flush matters for TLS only, where written bytes may wait
+    /// in rustls' buffer; on TCP it returns at once.
     pub async fn flush(&mut self) -> Result<(), ServerError> {
         if !self.write_buf.is_empty() {
             self.stream.write_all(&self.write_buf).await?;
             self.write_buf.clear();
+            self.stream.flush().await?;
         }
         Ok(())
     }
@@ -224,30 +279,6 @@ impl ServerConnection {
         .map_err(|_| ServerError::Timeout)?
     }
 
-    /// How far this replica has replayed, asked directly (`None` on a primary).
-    pub async fn replay_lsn(&mut self, timeout: Duration) -> Result<Option<Lsn>, ServerError> {
-        tokio::time::timeout(timeout, async {
-            self.send(&frontend::query("select pg_last_wal_replay_lsn()"))
-                .await?;
-            let mut lsn = None;
-            loop {
-                let frame = self.read_frame().await?;
-                match frame.tag() {
-                    backend::DATA_ROW => {
-                        lsn = backend::single_text_value(&frame).and_then(|v| v.parse().ok())
-                    }
-                    backend::ERROR_RESPONSE => {
-                        return Err(ServerError::Rejected(ErrorFields::decode(&frame)?));
-                    }
-                    backend::READY_FOR_QUERY => return Ok(lsn),
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .map_err(|_| ServerError::Timeout)?
-    }
-
     /// Runs a statement whose rows the proxy does not need (session reset,
     /// parameter setup), keeping the ParameterStatus values it reports.
     pub async fn execute(&mut self, sql: &str, timeout: Duration) -> Result<(), ServerError> {
@@ -277,5 +308,37 @@ impl ServerConnection {
         })
         .await
         .map_err(|_| ServerError::Timeout)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
+    const PLAIN: &[u8] = b"SCRAM-SHA-256";
+
+    #[test]
+    fn scram_binds_to_the_certificate_when_it_can() {
+        let hash = || Some(vec![7; 32]);
+        assert_eq!(
+            scram_binding(&[PLUS, PLAIN], true, hash()).unwrap(),
+            (SCRAM_SHA_256_PLUS, Binding::EndPoint(vec![7; 32]))
+        );
+        // A certificate we cannot hash: no binding, and say so honestly.
+        assert_eq!(
+            scram_binding(&[PLUS, PLAIN], true, None).unwrap(),
+            (SCRAM_SHA_256, Binding::None)
+        );
+        // Binding stripped from a TLS server's offer: "y" lets it notice.
+        assert_eq!(
+            scram_binding(&[PLAIN], true, hash()).unwrap(),
+            (SCRAM_SHA_256, Binding::NotOffered)
+        );
+        assert_eq!(
+            scram_binding(&[PLAIN], false, None).unwrap(),
+            (SCRAM_SHA_256, Binding::None)
+        );
+        assert!(scram_binding(&[b"SCRAM-SHA-1"], false, None).is_err());
     }
 }

@@ -107,6 +107,14 @@ pub fn encode_startup(params: &[(&str, &str)]) -> Bytes {
     buf.freeze()
 }
 
+/// Asks a server for TLS before the StartupMessage.
+pub fn encode_ssl_request() -> Bytes {
+    let mut buf = BytesMut::with_capacity(8);
+    buf.put_i32(8);
+    buf.put_i32(SSL_REQUEST);
+    buf.freeze()
+}
+
 pub fn encode_cancel(key: BackendKey) -> Bytes {
     let mut buf = BytesMut::with_capacity(16);
     buf.put_i32(16);

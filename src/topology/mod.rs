@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 
 pub use lsn::{Lsn, LsnParseError};
 pub use probe::Credentials;
-pub(crate) use probe::open as open_admin;
+pub(crate) use probe::{error_text as postgres_error_text, open as open_admin};
 
 /// A node's position in `[cluster] nodes`; stable for the process lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

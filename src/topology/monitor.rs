@@ -12,6 +12,7 @@ use super::lag::{self, Limits};
 use super::probe::{Credentials, PollError, Probe, Sample};
 use super::{Health, Lsn, NodeId, Role, SharedTopology, Topology};
 use crate::config::{Config, Secret};
+use crate::server_tls::ServerTls;
 
 #[derive(Clone)]
 pub struct MonitorSettings {
@@ -23,6 +24,7 @@ pub struct MonitorSettings {
     /// polls waiting for it count as failed.
     pub poll_timeout: Duration,
     pub connect_timeout: Duration,
+    pub tls: ServerTls,
     /// Consecutive failed polls before a node is marked down: one lost packet
     /// should not take a node out of rotation.
     pub failures_before_down: u32,
@@ -31,7 +33,7 @@ pub struct MonitorSettings {
 }
 
 impl MonitorSettings {
-    pub fn from_config(live: &Arc<ArcSwap<Config>>) -> MonitorSettings {
+    pub fn from_config(live: &Arc<ArcSwap<Config>>, tls: &ServerTls) -> MonitorSettings {
         let config = live.load();
         MonitorSettings {
             admin_user: config.cluster.admin_user.clone(),
@@ -39,6 +41,7 @@ impl MonitorSettings {
             poll_interval: config.cluster.poll_interval,
             poll_timeout: config.cluster.poll_timeout,
             connect_timeout: config.pool.connect_timeout,
+            tls: tls.clone(),
             failures_before_down: config.cluster.failures_before_down,
             live: live.clone(),
         }
@@ -101,6 +104,7 @@ pub async fn start(
             user: settings.admin_user.clone(),
             password: settings.admin_password.clone(),
             connect_timeout: settings.connect_timeout,
+            tls: settings.tls.clone(),
         },
         topology,
         settings,

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::error::Elapsed;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::{Lsn, Role};
 use crate::config::Secret;
+use crate::server_tls::ServerTls;
 
 /// Everything the monitor needs from a node, evaluated in one statement so
 /// the values are consistent with each other:
@@ -48,7 +49,7 @@ pub struct Sample {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
-    #[error("{0}")]
+    #[error("{}", error_text(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("timed out")]
     Timeout,
@@ -70,6 +71,8 @@ pub struct Credentials {
     /// Connecting and authenticating may take this long (SCRAM is slow on
     /// purpose, and a loaded host makes it slower).
     pub connect_timeout: Duration,
+    /// The same TLS settings as the pools' connections to the nodes.
+    pub tls: ServerTls,
 }
 
 type Connecting = JoinHandle<Result<Result<Client, tokio_postgres::Error>, Elapsed>>;
@@ -181,10 +184,23 @@ pub(crate) async fn open(
         .dbname("postgres")
         .application_name(application_name)
         .connect_timeout(credentials.connect_timeout)
-        .connect(NoTls)
+        .ssl_mode(credentials.tls.postgres_ssl_mode())
+        .connect(credentials.tls.postgres_connector())
         .await?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// tokio-postgres keeps the reason (the failed TLS handshake's, the
+/// server's message) in `source()`, out of its `Display`: an operator needs both.
+pub(crate) fn error_text(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(reason) = cause {
+        text = format!("{text}: {reason}");
+        cause = reason.source();
+    }
+    text
 }
 
 fn parse(row: &SimpleQueryRow) -> Result<Sample, PollError> {

@@ -3,6 +3,7 @@
 
 pub mod etcd;
 pub mod http;
+pub mod pki;
 pub mod raw;
 
 use std::collections::HashSet;

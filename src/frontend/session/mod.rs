@@ -29,7 +29,7 @@ use self::pending::{Capture, Kind, ParseUndo, Pending};
 use self::state::ParamChange;
 use self::statements::{Statement, Statements};
 use super::Shared;
-use super::cancel::{self, CancelHandle};
+use super::cancel::CancelHandle;
 use super::client::ClientConn;
 use super::error::{ClientError, RouteError};
 use super::stats::DatabaseStats;
@@ -417,7 +417,10 @@ impl Session {
                     return Ok(());
                 };
                 tracing::warn!(addr = %server.conn.addr, "query_timeout: cancelling the query");
-                cancel::send_cancel(server.conn.addr, server.conn.key).await;
+                self.shared
+                    .cancels
+                    .send_cancel(server.conn.addr, server.conn.key)
+                    .await;
                 self.query_cancelled = true;
                 self.owed_since = Some(Instant::now());
                 Ok(())
