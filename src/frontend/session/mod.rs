@@ -207,9 +207,9 @@ pub struct Session {
     /// pipelined behind the statement, so this costs its execution, not a
     /// round trip.
     held_ready: Option<Frame>,
-    /// The replica turned out behind the session's floor: the read in
-    /// flight is hidden from the client and redone on the primary.
-    stale_read: bool,
+    /// The replica turned out behind this floor: the read in flight is
+    /// hidden from the client and redone.
+    stale_read: Option<Lsn>,
     /// The next unit of work goes to the primary whatever it is...
     force_primary: Option<Fallback>,
     /// ...or first to this replica, which has just been seen past the floor.
@@ -290,7 +290,7 @@ impl Session {
             unit_copies: false,
             capture_when_ready: None,
             held_ready: None,
-            stale_read: false,
+            stale_read: None,
             force_primary: None,
             prefer_replica: None,
             unit_started: None,

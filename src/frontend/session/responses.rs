@@ -68,8 +68,7 @@ impl Session {
                 let capture = self.pending.head_capture().expect("checked");
                 self.pending.on_reply(backend::DATA_ROW);
                 if let Some(lsn) = lsn_value(&frame) {
-                    let slept = backend::text_column(&frame, 1).and_then(|v| v.parse().ok());
-                    self.on_capture(capture, lsn, slept).await?;
+                    self.on_capture(capture, lsn).await?;
                 }
             }
             backend::ERROR_RESPONSE if is_fatal(&frame) => {
@@ -131,7 +130,7 @@ impl Session {
                     self.release_held_ready().await?;
                 }
                 self.emit_synthetic().await?;
-                if self.stale_read && self.pending.is_empty() {
+                if self.stale_read.is_some() && self.pending.is_empty() {
                     return self.redo_stale_read().await;
                 }
                 if self.pending.is_empty()
@@ -168,18 +167,11 @@ impl Session {
             server.replay = None;
         }
     }
-    /// `slept`: for a floor probe, the replica's 1 ms sleeps before it answered.
     pub(super) async fn on_capture(
         &mut self,
         capture: Capture,
         lsn: Lsn,
-        slept: Option<u64>,
     ) -> Result<(), ClientError> {
-        if let Some(slept) = slept.filter(|&s| s > 0) {
-            self.shared
-                .metrics
-                .ryw_waited(std::time::Duration::from_millis(slept));
-        }
         match capture {
             Capture::CommitLsn => {
                 self.consistency.record_write(lsn);
@@ -189,8 +181,8 @@ impl Session {
                     .await?;
             }
             Capture::ReplayFloor(floor) if lsn < floor => {
-                tracing::debug!(%lsn, %floor, "replica still behind the session's floor: the read goes to the primary");
-                self.stale_read = true;
+                tracing::debug!(%lsn, %floor, "replica behind the session's floor: redoing the read");
+                self.stale_read = Some(floor);
                 self.pending.hide_rest();
             }
             Capture::ReplayFloor(_) => {}
@@ -209,17 +201,43 @@ impl Session {
             None => Ok(()),
         }
     }
-    /// The replica did not reach the session's floor within `ryw_wait`:
-    /// its answer was hidden, and the read is redone on the primary.
+    /// The replica was behind the session's floor. Watch it replay (one
+    /// small query a round trip) until it passes the floor or `ryw_wait`
+    /// runs out; then redo the read there, or on the primary.
     pub(super) async fn redo_stale_read(&mut self) -> Result<(), ClientError> {
-        self.stale_read = false;
+        let floor = self.stale_read.take().expect("a stale read");
         self.cancel.set_target(None);
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
+        let deadline = started + self.shared.config.load().routing.ryw_wait;
+        // A question cut short by the deadline leaves its answer on the way:
+        // such a connection must not go back to the pool, where the next
+        // client would read that answer as its own.
+        let mut answered = true;
+        let caught_up = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            match server.conn.replay_lsn(left).await {
+                Ok(Some(lsn)) if lsn >= floor => break true,
+                Ok(_) => tokio::task::yield_now().await,
+                Err(_) => {
+                    answered = false;
+                    break false;
+                }
+            }
+        };
+        self.shared.metrics.ryw_waited(started.elapsed());
         let replay = server.replay.take();
-        self.force_primary = Some(Fallback::RywTimeout);
-        if server.status == TxStatus::Idle {
+        if caught_up {
+            self.prefer_replica = Some(server.conn.node);
+        } else {
+            self.force_primary = Some(Fallback::RywTimeout);
+        }
+        if server.status == TxStatus::Idle && answered {
             server.conn.clean = true;
             drop(server);
         } else {

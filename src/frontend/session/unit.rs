@@ -246,8 +246,7 @@ impl Session {
         {
             return Ok(());
         }
-        let wait = self.shared.config.load().routing.ryw_wait;
-        self.send_to_server(&fe::query(&wait_for_replay_sql(floor, wait)))
+        self.send_to_server(&fe::query("select pg_last_wal_replay_lsn()"))
             .await?;
         self.pending.push_capture(Capture::ReplayFloor(floor));
         Ok(())
@@ -272,24 +271,6 @@ impl Session {
             })
             .clone()
     }
-}
-
-/// Pipelined before a read whose replica may be behind the session's
-/// floor: the replica itself waits, in 1 ms sleeps (pg_sleep's granularity)
-/// for at most `wait`, until it has replayed the floor, then says how far it
-/// got and how many sleeps that took. The read behind it runs only after
-/// that, so its answer is fresh whenever the LSN is at the floor: no round
-/// trips spent polling, no read run twice; only a replica still behind after
-/// `wait` sends the read to the primary. The CASE keeps the sleep from
-/// running before the comparison (the planner may reorder plain ANDs).
-fn wait_for_replay_sql(floor: Lsn, wait: std::time::Duration) -> String {
-    let sleeps = wait.as_millis().max(1);
-    format!(
-        "with recursive w(slept) as (select 0 union all select slept + 1 from w \
-         where case when slept < {sleeps} and pg_last_wal_replay_lsn() < '{floor}'::pg_lsn \
-         then pg_sleep(0.001) is not null else false end) \
-         select pg_last_wal_replay_lsn(), max(slept) from w"
-    )
 }
 
 /// Holds a new unit of work while a switchover pauses traffic: the client
