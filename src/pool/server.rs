@@ -17,7 +17,7 @@ use crate::protocol::backend::{
 };
 use crate::protocol::{Frame, ProtocolError, frame, frontend, startup};
 use crate::server_tls::ServerTls;
-use crate::topology::NodeId;
+use crate::topology::{Lsn, NodeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -271,6 +271,30 @@ impl ServerConnection {
                     backend::ERROR_RESPONSE => {
                         return Err(ServerError::Rejected(ErrorFields::decode(&frame)?));
                     }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| ServerError::Timeout)?
+    }
+
+    /// How far this replica has replayed, asked directly (`None` on a primary).
+    pub async fn replay_lsn(&mut self, timeout: Duration) -> Result<Option<Lsn>, ServerError> {
+        tokio::time::timeout(timeout, async {
+            self.send(&frontend::query("select pg_last_wal_replay_lsn()"))
+                .await?;
+            let mut lsn = None;
+            loop {
+                let frame = self.read_frame().await?;
+                match frame.tag() {
+                    backend::DATA_ROW => {
+                        lsn = backend::single_text_value(&frame).and_then(|v| v.parse().ok())
+                    }
+                    backend::ERROR_RESPONSE => {
+                        return Err(ServerError::Rejected(ErrorFields::decode(&frame)?));
+                    }
+                    backend::READY_FOR_QUERY => return Ok(lsn),
                     _ => {}
                 }
             }
