@@ -111,6 +111,7 @@ fn primary_only_with_awkward_names() {
         replicas: 0,
         admin_password: "adm'in \"pw\"".into(),
         users: vec![("o'brien \"x\"".into(), "it's".into())],
+        synchronous: false,
     };
     let cluster = Cluster::start(spec).expect("cluster starts");
     assert!(cluster.replicas().is_empty());
