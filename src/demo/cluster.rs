@@ -335,6 +335,13 @@ impl Cluster {
             if let Some(mut exited) = node.child.take() {
                 let _ = exited.wait();
             }
+            // A killed postmaster the rejoin hook had started is not our
+            // child: it stays a zombie until init reaps it, and PostgreSQL
+            // takes a lock file naming a zombie for a live server.
+            let socket_lock = self.env.root.join(format!(".s.PGSQL.{}.lock", node.port));
+            for lock in [node.data_dir.join("postmaster.pid"), socket_lock] {
+                let _ = fs::remove_file(lock);
+            }
             self.env.launch(node, false)?;
         }
         Ok(())
@@ -762,15 +769,26 @@ fn reap_or_kill(node: &mut NodeProcess, deadline: Instant) {
 /// waits (up to 5 s) for the others, which we may not reap, to die or become
 /// zombies.
 fn kill_hard(node: &mut NodeProcess) {
-    let pid = node.pid();
-    let mut doomed: Vec<u32> = pid.map(child_pids).unwrap_or_default();
-    doomed.extend(pid);
-    send_signal(&doomed, libc::SIGKILL);
-    if let Some(mut child) = node.child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
     let deadline = Instant::now() + DROP_GRACE;
+    let mut doomed = Vec::new();
+    // Until no postmaster is left: ours, or one the rejoin hook started.
+    while let Some(pid) = node.pid() {
+        let mut these = child_pids(pid);
+        these.push(pid);
+        send_signal(&these, libc::SIGKILL);
+        doomed.extend(these);
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        thread::sleep(POLL);
+    }
+    if let Some(mut exited) = node.child.take() {
+        let _ = exited.wait();
+    }
     while doomed.iter().any(|&pid| is_alive(pid)) && Instant::now() < deadline {
         thread::sleep(POLL);
     }
