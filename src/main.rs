@@ -231,6 +231,9 @@ fn print_demo_banner(cluster: &Cluster, proxy: &Proxy) {
         "       tidepool ctl --admin {admin} --token {DEMO_TOKEN} switchover   -- clients see a pause, not an error"
     );
     println!(
+        "       (the old primary is rewound and back as a replica moments later: scripts/rejoin.sh)"
+    );
+    println!(
         "\nCtrl-C stops tidepool and the cluster and removes {}",
         cluster.dir().display()
     );
