@@ -481,16 +481,21 @@ impl Chaos {
         }
     }
 
+    /// Both proxies' primary pools: after a proxy was killed, every client
+    /// may be on the other one.
     async fn fill_pool(&mut self) -> Row {
-        let url = self.url(0);
         let mut holders = Vec::new();
         let t0 = Instant::now();
-        for n in 1..=POOL_SIZE {
-            let c = load::connect(&url).await.expect("a holder");
-            c.batch_execute(&format!("begin; insert into chaos values (-{n}, 0)"))
-                .await
-                .expect("a holder's transaction");
-            holders.push(c);
+        for proxy in 0..self.proxies.len() {
+            let url = self.url(proxy);
+            for n in 1..=POOL_SIZE {
+                let c = load::connect(&url).await.expect("a holder");
+                let seq = -((proxy * POOL_SIZE + n) as i64);
+                c.batch_execute(&format!("begin; insert into chaos values ({seq}, 0)"))
+                    .await
+                    .expect("a holder's transaction");
+                holders.push(c);
+            }
         }
         self.wait(Duration::from_secs(30), "checkout timeouts", async |c| {
             c.tally
@@ -516,8 +521,7 @@ impl Chaos {
         Row {
             fault: "pool full".into(),
             injected: format!(
-                "{POOL_SIZE} open transactions hold {}'s primary pool for {} ms",
-                self.proxies[0].id,
+                "{POOL_SIZE} open transactions hold each proxy's primary pool for {} ms",
                 held.as_millis()
             ),
             recovered: self.tally.recovered_in(released),
@@ -710,10 +714,15 @@ async fn run() {
         println!("{}", table(&rows[rows.len() - 1..]));
     }
     rows.push(chaos.pause_primary().await);
+    println!("{}", table(&rows[rows.len() - 1..]));
     rows.push(chaos.etcd_outage().await);
+    println!("{}", table(&rows[rows.len() - 1..]));
     rows.push(chaos.kill_proxy().await);
+    println!("{}", table(&rows[rows.len() - 1..]));
     rows.push(chaos.kill_replica().await);
+    println!("{}", table(&rows[rows.len() - 1..]));
     rows.push(chaos.fill_pool().await);
+    println!("{}", table(&rows[rows.len() - 1..]));
     let tally = load.stop().await;
     let acked = tally.acked().len();
     let (row, detail) = idle_clients(&chaos).await;
