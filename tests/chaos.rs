@@ -161,6 +161,34 @@ async fn two_kill_9_failovers_in_a_row_each_old_primary_rejoins_as_a_streaming_r
     );
 }
 
+/// What the demo does after `tidepool ctl switchover`: the old primary,
+/// read-only and fenced, is rewound and streams from the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_switchover_the_old_primary_streams_from_the_new_one() {
+    let h = synchronous_cluster(true).await;
+    let topology = h.proxy().topology().clone();
+    let old = topology.load().primary().expect("a primary").id;
+    let entry = h.proxy().ha().switchover(None).await.expect("a switchover");
+    let new = topology.load().primary().expect("a primary").id;
+    assert_ne!(new, old, "{entry:?}");
+    let new_port = h.cluster.nodes()[new.0].port;
+    wait_for(
+        Duration::from_secs(60),
+        "the old primary a replica again",
+        async || {
+            let t = topology.load();
+            let n = t.node(old);
+            n.role == Role::Replica && n.health == Health::Up && !t.is_fenced(old)
+        },
+    )
+    .await;
+    wait_for(Duration::from_secs(20), "it streams", async || {
+        let sql = "select status || ' ' || sender_port from pg_stat_wal_receiver";
+        psql(&h, old.0, sql) == Some(format!("streaming {new_port}"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_primary_resumed_after_its_failover_is_fenced_no_split_brain() {
     let h = synchronous_cluster(false).await;
