@@ -160,11 +160,15 @@ async fn run_demo(listen: String) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    // A token so that the HA operations can be tried from another terminal.
+    // A token so that the HA operations can be tried from another terminal,
+    // and a rejoin hook so that after one the old primary is a replica again.
     let config = demo::config(
         &cluster,
         &listen,
-        &format!("[admin]\ntoken = \"{DEMO_TOKEN}\"\n"),
+        &format!(
+            "[admin]\ntoken = \"{DEMO_TOKEN}\"\n\n[coordinator]\nrejoin_command = {:?}\n",
+            cluster.rejoin_command()
+        ),
     );
     let proxy = Proxy::start(config).await.map_err(|e| e.to_string())?;
     print_demo_banner(&cluster, &proxy);
@@ -246,6 +250,9 @@ fn print_demo_banner(cluster: &Cluster, proxy: &Proxy) {
     println!("  and: tidepool ctl --admin {admin} status");
     println!(
         "       tidepool ctl --admin {admin} --token {DEMO_TOKEN} switchover   -- clients see a pause, not an error"
+    );
+    println!(
+        "       (the old primary is rewound and back as a replica moments later: scripts/rejoin.sh)"
     );
     println!(
         "\nCtrl-C stops tidepool and the cluster and removes {}",

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::{Harness, sqlstate};
+use common::{Harness, sqlstate, wait_for};
 use tidepool::demo;
 use tidepool::ha::store::{Created, EmbeddedStore, EtcdStore, Guard, Store, WatchEvent};
 use tidepool::proxy::Proxy;
@@ -131,15 +131,6 @@ fn extra(endpoint: &str, proxy: &str) -> String {
     format!(
         "failures_before_down = 2\n\n[coordinator]\netcd = [\"{endpoint}\"]\nlease_ttl = \"2s\"\nfailover_timeout = \"1s\"\nproxy_id = \"{proxy}\"\n"
     )
-}
-
-async fn wait_for(within: Duration, what: &str, mut ready: impl AsyncFnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !ready().await {
-        assert!(started.elapsed() < within, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    started.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -30,6 +30,8 @@ const ADMIN_USER: &str = "postgres";
 /// Per-node settings (port, name), rewritten before every start. Replicas get
 /// the `include` line and everything else through the base backup.
 const NODE_CONF: &str = "tidepool-node.conf";
+const REJOIN_SCRIPT: &str = "rejoin.sh";
+const REJOIN_SH: &str = include_str!("../../scripts/rejoin.sh");
 const HBA: &str = "local all all trust
 local replication all trust
 host all all 127.0.0.1/32 scram-sha-256
@@ -37,6 +39,8 @@ host replication all 127.0.0.1/32 scram-sha-256
 ";
 /// Durability is pointless for a throwaway cluster and costs start-up time.
 /// Parallel base backups take two WAL senders each, on top of one per replica.
+/// `pg_rewind` (the rejoin hook, scripts/rejoin.sh) needs hint-bit changes
+/// WAL-logged on the node it rewinds and full page writes on its source.
 const CONF: &str = "listen_addresses = '127.0.0.1'
 wal_level = replica
 max_wal_senders = 32
@@ -44,7 +48,8 @@ max_replication_slots = 10
 hot_standby = on
 hot_standby_feedback = on
 fsync = off
-full_page_writes = off
+full_page_writes = on
+wal_log_hints = on
 synchronous_commit = on
 wal_keep_size = '256MB'
 max_connections = 200
@@ -65,6 +70,10 @@ pub struct ClusterSpec {
     pub users: Vec<(String, String)>,
     /// Serve TLS (`ssl = on`) with this certificate; `None`: plain TCP only.
     pub ssl: Option<NodeSsl>,
+    /// Every node (whichever is primary) waits for one standby to flush a
+    /// commit before acknowledging it (`synchronous_standby_names = 'ANY 1 (*)'`),
+    /// so a failover to the most advanced replica loses no acknowledged write.
+    pub synchronous: bool,
 }
 
 impl Default for ClusterSpec {
@@ -74,6 +83,7 @@ impl Default for ClusterSpec {
             admin_password: "postgres".into(),
             users: vec![("app".into(), "app".into())],
             ssl: None,
+            synchronous: false,
         }
     }
 }
@@ -136,9 +146,23 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// PID of the running postmaster, if any.
+    /// PID of the running postmaster, if any: our own child, or one that the
+    /// rejoin hook started with `pg_ctl` (found by its `postmaster.pid`), so
+    /// that such a node can be killed, stopped and cleaned up like the others.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        let own = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .filter(|&pid| is_alive(pid));
+        own.or_else(|| self.started_elsewhere())
+    }
+
+    fn started_elsewhere(&self) -> Option<u32> {
+        let text = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        (is_alive(pid) && comm.trim() == "postgres").then_some(pid)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -190,6 +214,7 @@ impl Cluster {
         if let Some(ssl) = &spec.ssl {
             env.server_conf = env.install_ssl(ssl)?;
         }
+        env.write_rejoin_files()?;
         let mut cluster = Cluster {
             env,
             nodes: Vec::new(),
@@ -237,6 +262,15 @@ impl Cluster {
         if let Some(e) = first_error {
             return Err(e);
         }
+        // Only now that there are standbys (the setup's own commits would
+        // wait for one), and on every node, since any may be promoted.
+        if spec.synchronous {
+            let sql = "alter system set synchronous_standby_names = 'ANY 1 (*)'";
+            for index in 0..cluster.nodes.len() {
+                cluster.psql(index, sql)?;
+                cluster.psql(index, "select pg_reload_conf()")?;
+            }
+        }
         let elapsed = started.elapsed();
         tracing::info!(dir = %cluster.dir().display(), ?elapsed, "local cluster started");
         Ok(cluster)
@@ -271,6 +305,22 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// A `[coordinator] rejoin_command` that makes a fenced former primary of
+    /// this cluster a streaming replica of the new one (scripts/rejoin.sh,
+    /// written into the cluster's dir, which it searches for the node's data
+    /// dir by port).
+    pub fn rejoin_command(&self) -> String {
+        let root = self.env.root.display().to_string();
+        let script = format!("{root}/{REJOIN_SCRIPT}");
+        let bin = self.env.bin.display().to_string();
+        format!(
+            "sh {} {} {} {{host}} {{port}} {{primary_host}} {{primary_port}}",
+            quote_shell(&script),
+            quote_shell(&root),
+            quote_shell(&bin)
+        )
+    }
+
     /// Simulates a crash of the node: SIGKILLs the postmaster *and* its children
     /// (orphaned backends would otherwise keep the shared memory attached and make
     /// an immediate `start_node` fail), then waits until they are gone.
@@ -298,7 +348,17 @@ impl Cluster {
             .nodes
             .get_mut(index)
             .ok_or(ClusterError::NoSuchNode(index))?;
-        if node.child.is_none() {
+        if node.pid().is_none() {
+            if let Some(mut exited) = node.child.take() {
+                let _ = exited.wait();
+            }
+            // A killed postmaster the rejoin hook had started is not our
+            // child: it stays a zombie until init reaps it, and PostgreSQL
+            // takes a lock file naming a zombie for a live server.
+            let socket_lock = self.env.root.join(format!(".s.PGSQL.{}.lock", node.port));
+            for lock in [node.data_dir.join("postmaster.pid"), socket_lock] {
+                let _ = fs::remove_file(lock);
+            }
             self.env.launch(node, false)?;
         }
         Ok(())
@@ -308,6 +368,26 @@ impl Cluster {
     pub fn signal(&self, index: usize, sig: i32) {
         if let Some(pid) = self.nodes.get(index).and_then(NodeProcess::pid) {
             send_signal(&[pid], sig);
+        }
+    }
+
+    /// SIGSTOPs the postmaster and every process it forked: the node hangs as
+    /// a paused VM would, its open connections included (a SIGSTOP by
+    /// `signal` stops the postmaster only, and backends go on serving).
+    pub fn pause(&self, index: usize) {
+        self.signal_tree(index, libc::SIGSTOP);
+    }
+
+    /// Undoes `pause`.
+    pub fn resume(&self, index: usize) {
+        self.signal_tree(index, libc::SIGCONT);
+    }
+
+    fn signal_tree(&self, index: usize, sig: i32) {
+        if let Some(pid) = self.nodes.get(index).and_then(NodeProcess::pid) {
+            let mut pids = child_pids(pid);
+            pids.push(pid);
+            send_signal(&pids, sig);
         }
     }
 
@@ -445,6 +525,24 @@ impl Env {
         }
     }
 
+    /// The rejoin hook and the password file it and the replicas it makes
+    /// use (a `passfile=` in `primary_conninfo` survives the controller's
+    /// re-pointing, which only replaces host and port).
+    fn write_rejoin_files(&self) -> Result<(), ClusterError> {
+        let script = self.root.join(REJOIN_SCRIPT);
+        fs::write(&script, REJOIN_SH).map_err(io_err("writing the rejoin hook"))?;
+        let pgpass = self.root.join("pgpass");
+        let escaped = self
+            .admin_password
+            .replace('\\', "\\\\")
+            .replace(':', "\\:");
+        let line = format!("*:*:*:{ADMIN_USER}:{escaped}\n");
+        fs::write(&pgpass, line).map_err(io_err("writing pgpass"))?;
+        fs::set_permissions(&pgpass, fs::Permissions::from_mode(0o600))
+            .map_err(io_err("chmod pgpass"))?;
+        self.chown(&pgpass)
+    }
+
     fn init_primary(&self, port: u16) -> Result<NodeProcess, ClusterError> {
         let mut node = self.node(0, port);
         let pwfile = self.root.join("pwfile");
@@ -507,6 +605,8 @@ impl Env {
         );
         let path = node.data_dir.join(NODE_CONF);
         fs::write(&path, conf).map_err(io_err(format!("writing {}", path.display())))?;
+        // pg_rewind (the rejoin hook) overwrites it as the server's user.
+        self.chown(&path)?;
         match self.spawn_and_wait(node) {
             Err(ClusterError::NotReady { tail, .. })
                 if may_move && tail.contains("could not bind") =>
@@ -525,6 +625,8 @@ impl Env {
             .append(true)
             .open(&node.log_path)
             .map_err(io_err(format!("opening {}", node.log_path.display())))?;
+        // The rejoin hook's `pg_ctl start` appends to it as the server's user.
+        self.chown(&node.log_path)?;
         let stderr = log.try_clone().map_err(io_err("duplicating log fd"))?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
@@ -690,27 +792,42 @@ fn send_signal(pids: &[u32], sig: i32) {
 
 /// Waits for the postmaster to exit until `deadline`, then kills it hard.
 fn reap_or_kill(node: &mut NodeProcess, deadline: Instant) {
-    while let Some(child) = node.child.as_mut() {
-        match child.try_wait() {
-            Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
-            Ok(None) => return kill_hard(node),
-            _ => node.child = None,
+    while node.pid().is_some() {
+        if Instant::now() >= deadline {
+            return kill_hard(node);
         }
+        thread::sleep(POLL);
+    }
+    if let Some(mut exited) = node.child.take() {
+        let _ = exited.wait();
     }
 }
 
-/// SIGKILLs the postmaster and its children, reaps it and waits (up to 5 s) for
-/// the orphaned children, which nobody may reap, to die or become zombies.
+/// SIGKILLs the postmaster and its children, reaps it if it is ours, and
+/// waits (up to 5 s) for the others, which we may not reap, to die or become
+/// zombies.
 fn kill_hard(node: &mut NodeProcess) {
-    let Some(mut child) = node.child.take() else {
-        return;
-    };
-    let children = child_pids(child.id());
-    let _ = child.kill();
-    send_signal(&children, libc::SIGKILL);
-    let _ = child.wait();
     let deadline = Instant::now() + DROP_GRACE;
-    while children.iter().any(|&pid| is_alive(pid)) && Instant::now() < deadline {
+    let mut doomed = Vec::new();
+    // Until no postmaster is left: ours, or one the rejoin hook started.
+    while let Some(pid) = node.pid() {
+        let mut these = child_pids(pid);
+        these.push(pid);
+        send_signal(&these, libc::SIGKILL);
+        doomed.extend(these);
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        thread::sleep(POLL);
+    }
+    if let Some(mut exited) = node.child.take() {
+        let _ = exited.wait();
+    }
+    while doomed.iter().any(|&pid| is_alive(pid)) && Instant::now() < deadline {
         thread::sleep(POLL);
     }
 }
@@ -748,6 +865,10 @@ fn log_tail(path: &Path) -> String {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_shell(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 fn quote_literal(s: &str) -> String {

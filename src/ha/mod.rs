@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, CoordinatorLoss};
 use crate::server_tls::ServerTls;
-use crate::topology::{Credentials, Epoch, NodeId, SharedTopology, Topology};
+use crate::topology::{Credentials, Epoch, Health, NodeId, Role, SharedTopology, Topology};
 use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -392,11 +392,24 @@ fn apply_record(topology: &SharedTopology, record: &TopologyRecord) -> bool {
     let fenced: Vec<NodeId> = record.fenced.iter().filter_map(id).collect();
     let before = (current.epoch, current.epoch_primary);
     drop(current);
+    // A primary that replaces another was seen out of recovery by the
+    // controller just before it published it (promoted and confirmed, or
+    // adopted). Until this proxy's monitor polls it, which takes a whole
+    // round when a paused node makes every round wait out `poll_timeout`,
+    // its last poll still says replica: writes would be refused, and this
+    // proxy's vote would call the new primary down, so that a second,
+    // needless failover followed the first (found by tests/chaos.rs).
+    let replaces = before.0 > Epoch(0) && primary.is_some() && primary != before.1;
     let changed = topology.update(|t| {
         if record.epoch >= t.epoch.0 {
             t.epoch = Epoch(record.epoch);
             t.epoch_primary = primary;
             t.fenced = fenced.clone();
+            if let Some(id) = primary.filter(|_| replaces) {
+                let node = &mut t.nodes[id.0];
+                node.role = Role::Primary;
+                node.health = Health::Up;
+            }
         }
     });
     if changed && before != (Epoch(record.epoch), primary) {

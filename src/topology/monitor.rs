@@ -134,6 +134,7 @@ pub async fn start(
 impl Monitor {
     async fn round(&mut self, first: bool) {
         let started = Instant::now();
+        let epoch = self.topology.load().epoch;
         // Nothing is served before the first round: it may wait for the
         // connects to finish, so that the proxy starts with known roles.
         let timeout = match first {
@@ -154,7 +155,13 @@ impl Monitor {
 
         let before = self.topology.load_full();
         let limits = self.settings.limits();
-        if self.topology.update(|t| apply(t, &observations, limits)) {
+        // A poll made before a new epoch says nothing about its primary,
+        // which the controller saw out of recovery after (see `ha::apply_record`).
+        let stale = |t: &Topology| (t.epoch != epoch).then_some(t.epoch_primary).flatten();
+        if self
+            .topology
+            .update(|t| apply(t, &observations, limits, stale(t)))
+        {
             log_changes(&before, &self.topology.load());
         }
     }
@@ -232,8 +239,8 @@ impl Monitor {
 /// Applies a round's observations to a snapshot (the epoch follows in
 /// `SharedTopology::update`). Depends only on its arguments: `update` may
 /// call it again on a newer snapshot.
-fn apply(t: &mut Topology, observations: &[Observation], limits: Limits) {
-    for (id, seen) in observations {
+fn apply(t: &mut Topology, observations: &[Observation], limits: Limits, skip: Option<NodeId>) {
+    for (id, seen) in observations.iter().filter(|(id, _)| Some(*id) != skip) {
         let node = &mut t.nodes[id.0];
         let Some(Seen { sample, lag }) = seen else {
             node.health = Health::Down;
@@ -313,7 +320,7 @@ mod tests {
             (NodeId(1), seen(Role::Replica, 0, 5000, 5000)),
             (NodeId(2), seen(Role::Replica, 0, 3000, 5000)),
         ];
-        apply(&mut t, &round, LIMITS);
+        apply(&mut t, &round, LIMITS, None);
         assert_eq!(t.nodes[0].role, Role::Primary);
         assert_eq!(t.nodes[0].current_lsn, Some(Lsn(5000)));
         assert_eq!(t.nodes[0].lag_bytes, None);
@@ -323,7 +330,7 @@ mod tests {
         assert!(t.nodes[2].lagging && !t.nodes[2].serves_reads());
 
         // Down after a failure streak: positions stay as last known.
-        apply(&mut t, &[(NodeId(2), None)], LIMITS);
+        apply(&mut t, &[(NodeId(2), None)], LIMITS, None);
         assert_eq!(t.nodes[2].health, Health::Down);
         assert_eq!(t.nodes[2].replay_lsn, Some(Lsn(3000)));
     }
@@ -335,19 +342,19 @@ mod tests {
             (NodeId(0), seen(Role::Primary, 100, 0, 100)),
             (NodeId(1), seen(Role::Replica, 0, 100, 100)),
         ];
-        shared.update(|t| apply(t, &before, LIMITS));
+        shared.update(|t| apply(t, &before, LIMITS, None));
         // The old primary down and a replica promoted, in the same round:
         // the monitor reports it; only the HA controller moves the epoch.
         let promoted = [
             (NodeId(0), None),
             (NodeId(1), seen(Role::Primary, 200, 0, 200)),
         ];
-        shared.update(|t| apply(t, &promoted, LIMITS));
+        shared.update(|t| apply(t, &promoted, LIMITS, None));
         let t = shared.load_full();
         assert_eq!(t.nodes[1].role, Role::Primary);
         assert_eq!(t.nodes[0].health, Health::Down);
         assert_eq!((t.epoch, t.epoch_primary), (Epoch(0), None));
         assert_eq!((t.nodes[1].replay_lsn, t.nodes[1].lag_bytes), (None, None));
-        assert!(!shared.update(|t| apply(t, &promoted, LIMITS)));
+        assert!(!shared.update(|t| apply(t, &promoted, LIMITS, None)));
     }
 }

@@ -3,11 +3,12 @@
 
 pub mod etcd;
 pub mod http;
+pub mod load;
 pub mod pki;
 pub mod raw;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tidepool::config::Config;
 use tidepool::demo::{
@@ -31,11 +32,21 @@ impl Harness {
 
     /// Like `start`, with a last say on the parsed configuration.
     pub async fn start_with(extra: &str, adjust: impl FnOnce(&mut Config)) -> Harness {
-        let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterSpec::default()))
+        Self::start_spec(ClusterSpec::default(), |_| extra.to_owned(), adjust).await
+    }
+
+    /// A cluster made to `spec`; `extra` may use the cluster (e.g. its
+    /// `rejoin_command`).
+    pub async fn start_spec(
+        spec: ClusterSpec,
+        extra: impl FnOnce(&Cluster) -> String,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Harness {
+        let cluster = tokio::task::spawn_blocking(|| Cluster::start(spec))
             .await
             .unwrap()
             .expect("cluster starts");
-        let mut config = demo::config(&cluster, "127.0.0.1:0", extra);
+        let mut config = demo::config(&cluster, "127.0.0.1:0", &extra(&cluster));
         adjust(&mut config);
         config.validate().expect("adjusted config is valid");
         let proxy = Proxy::start(config).await.expect("proxy starts");
@@ -167,4 +178,19 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code()
         .map(|c| c.code().to_owned())
         .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+/// Polls `ready` until it holds; fails the test after `within`. Returns how
+/// long it took.
+pub async fn wait_for(
+    within: Duration,
+    what: &str,
+    mut ready: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let started = Instant::now();
+    while !ready().await {
+        assert!(started.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
 }
