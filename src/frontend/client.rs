@@ -15,11 +15,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
 /// written at once so that a large result never piles up in memory.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
+/// The largest message accepted before authentication, PostgreSQL's
+/// `PG_MAX_AUTH_TOKEN_LENGTH`: a client nobody knows yet must not make the
+/// proxy buffer `max_message_size` bytes.
+pub const MAX_AUTH_MESSAGE: usize = 65535;
+
 pub struct ClientConn {
     io: Box<dyn ClientIo>,
     read_buf: BytesMut,
     write_buf: BytesMut,
     max_message: usize,
+    /// Until then, messages are held to [`MAX_AUTH_MESSAGE`].
+    authenticated: bool,
     /// Every message a client is sent passes here, so errors are counted here.
     errors: ClientErrors,
 }
@@ -31,6 +38,7 @@ impl ClientConn {
             read_buf: BytesMut::with_capacity(8 * 1024),
             write_buf: BytesMut::with_capacity(8 * 1024),
             max_message,
+            authenticated: false,
             errors,
         }
     }
@@ -44,9 +52,19 @@ impl ClientConn {
         self.io.read_buf(&mut self.read_buf).await
     }
 
+    /// The client proved who it is: it may now send messages up to `max_message_size`.
+    pub fn authenticated(&mut self) {
+        self.authenticated = true;
+    }
+
     /// The next complete message already received, if any.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        frame::try_split(&mut self.read_buf, self.max_message)
+        let max = if self.authenticated {
+            self.max_message
+        } else {
+            self.max_message.min(MAX_AUTH_MESSAGE)
+        };
+        frame::try_split(&mut self.read_buf, max)
     }
 
     /// Waits for the next complete message; `None` when the client went away.
