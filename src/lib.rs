@@ -12,6 +12,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod frontend;
+pub mod fuzzing;
 pub mod ha;
 pub mod metrics;
 pub mod pool;
