@@ -13,6 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod frontend;
+pub mod fuzzing;
 pub mod ha;
 pub mod metrics;
 pub mod pool;

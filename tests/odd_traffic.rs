@@ -138,10 +138,10 @@ async fn encryption_requests_are_declined_without_tls() {
         tcp.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"N", "GSSENCRequest and SSLRequest are declined");
     }
-    // Protocol 2 is refused with 08P01.
+    // Protocol 2 is refused as PostgreSQL refuses it: 0A000.
     tcp.write_all(&[0, 0, 0, 8, 0, 2, 0, 0]).await.unwrap();
     let mut reply = Vec::new();
     tcp.read_to_end(&mut reply).await.unwrap();
     assert_eq!(reply[0], b'E');
-    assert!(String::from_utf8_lossy(&reply).contains("08P01"));
+    assert!(String::from_utf8_lossy(&reply).contains("0A000"));
 }

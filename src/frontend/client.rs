@@ -22,11 +22,18 @@ const FIRST_READ: usize = 512;
 /// A read that continues a partial message reserves at least this much.
 const READ_CHUNK: usize = 8 * 1024;
 
+/// The largest message accepted before authentication, PostgreSQL's
+/// `PG_MAX_AUTH_TOKEN_LENGTH`: a client nobody knows yet must not make the
+/// proxy buffer `max_message_size` bytes.
+pub const MAX_AUTH_MESSAGE: usize = 65535;
+
 pub struct ClientConn {
     io: Box<dyn ClientIo>,
     read_buf: BytesMut,
     write_buf: BytesMut,
     max_message: usize,
+    /// Until then, messages are held to [`MAX_AUTH_MESSAGE`].
+    authenticated: bool,
     /// Every message a client is sent passes here, so errors are counted here.
     errors: ClientErrors,
     /// Bytes in and out, counted for SHOW STATS once the database is known.
@@ -40,6 +47,7 @@ impl ClientConn {
             read_buf: BytesMut::new(),
             write_buf: BytesMut::new(),
             max_message,
+            authenticated: false,
             errors,
             stats: None,
         }
@@ -84,9 +92,19 @@ impl ClientConn {
         }
     }
 
+    /// The client proved who it is: it may now send messages up to `max_message_size`.
+    pub fn authenticated(&mut self) {
+        self.authenticated = true;
+    }
+
     /// The next complete message already received, if any.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        frame::try_split(&mut self.read_buf, self.max_message)
+        let max = if self.authenticated {
+            self.max_message
+        } else {
+            self.max_message.min(MAX_AUTH_MESSAGE)
+        };
+        frame::try_split(&mut self.read_buf, max)
     }
 
     /// Waits for the next complete message; `None` when the client went away.

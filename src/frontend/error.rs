@@ -89,6 +89,11 @@ impl ClientError {
         let fatal = |code, msg: &str| Some(backend::error_response(Severity::Fatal, code, msg));
         match self {
             ClientError::Gone | ClientError::Io(_) => None,
+            // As PostgreSQL answers a version it does not speak: not a
+            // violation of the protocol, a feature it lacks.
+            ClientError::Protocol(e @ ProtocolError::UnsupportedVersion { .. }) => {
+                fatal("0A000", &e.to_string())
+            }
             ClientError::Protocol(e) => fatal("08P01", &format!("protocol violation: {e}")),
             ClientError::StartupTimeout => {
                 fatal("08P01", "canceling authentication due to timeout")

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use pgwire::api::auth::sasl::scram::ScramServerAuthWaitingForClientFinal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -139,7 +140,6 @@ async fn read_packet(io: &mut (impl AsyncRead + Unpin)) -> Result<BytesMut, Clie
 
 /// Authenticates the client as `user`: SCRAM-SHA-256, or md5 where allowed.
 pub async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<(), ClientError> {
-    let fail = || ClientError::AuthFailed(user.name.clone());
     if user.allow_md5 {
         let salt: [u8; 4] = rand::random();
         client.send(&backend::auth_md5(salt)).await?;
@@ -152,36 +152,58 @@ pub async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<(
         );
         let given = frame.body().strip_suffix(b"\0").unwrap_or(frame.body());
         if given != expected.as_bytes() {
-            return Err(fail());
+            return Err(ClientError::AuthFailed(user.name.clone()));
         }
     } else {
         client.send(&backend::auth_sasl(&["SCRAM-SHA-256"])).await?;
         client.flush().await?;
-        let frame = expect_password(client).await?;
-        let (mechanism, first) = decode_sasl_initial(&frame)?;
-        if mechanism != b"SCRAM-SHA-256" {
-            return Err(ClientError::Protocol(ProtocolError::Malformed(
-                "SASL mechanism not offered",
-            )));
-        }
-        let (server_first, waiting) = user
-            .scram
-            .on_client_first_message_with_secret(first, user.scram_secret())
-            .map_err(|_| fail())?;
+        let initial = expect_password(client).await?;
+        let (server_first, waiting) = scram_first(user, &initial)?;
         client
             .send(&backend::auth_sasl_continue(server_first.as_bytes()))
             .await?;
         client.flush().await?;
-        let frame = expect_password(client).await?;
-        let server_final = waiting
-            .on_client_final_message(frame.body())
-            .map_err(|_| fail())?;
+        let response = expect_password(client).await?;
+        let server_final = scram_final(user, &waiting, &response)?;
         client
             .send(&backend::auth_sasl_final(server_final.as_bytes()))
             .await?;
     }
+    client.authenticated();
     client.send(&backend::auth_ok()).await?;
     Ok(())
+}
+
+/// The server's half of a SCRAM exchange waiting for the client's final message.
+pub type ScramWaiting = ScramServerAuthWaitingForClientFinal;
+
+/// SCRAM step one, without I/O (so that it can be fuzzed): the client's
+/// SASLInitialResponse in, the server-first-message out.
+pub fn scram_first(
+    user: &UserEntry,
+    initial: &Frame,
+) -> Result<(String, ScramWaiting), ClientError> {
+    let (mechanism, first) = decode_sasl_initial(initial)?;
+    if mechanism != b"SCRAM-SHA-256" {
+        return Err(ClientError::Protocol(ProtocolError::Malformed(
+            "SASL mechanism not offered",
+        )));
+    }
+    user.scram
+        .on_client_first_message_with_secret(first, user.scram_secret())
+        .map_err(|_| ClientError::AuthFailed(user.name.clone()))
+}
+
+/// SCRAM step two, without I/O: the client's SASLResponse (its proof) in,
+/// the server-final-message out when the proof is right.
+pub fn scram_final(
+    user: &UserEntry,
+    waiting: &ScramWaiting,
+    response: &Frame,
+) -> Result<String, ClientError> {
+    waiting
+        .on_client_final_message(response.body())
+        .map_err(|_| ClientError::AuthFailed(user.name.clone()))
 }
 
 async fn expect_password(client: &mut ClientConn) -> Result<Frame, ClientError> {

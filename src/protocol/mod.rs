@@ -16,7 +16,7 @@ pub enum ProtocolError {
     TooLarge { len: usize, max: usize },
     #[error("malformed {0} message")]
     Malformed(&'static str),
-    #[error("unsupported protocol version {major}.{minor}")]
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error("unexpected message type {0:?}")]
     Unexpected(char),

@@ -33,7 +33,10 @@ const NUMBER_MARK: u8 = 0xFF;
 /// placeholder byte; `$1`-style parameters, identifiers, quoted identifiers,
 /// keywords and operators are hashed verbatim. Comments are skipped (treated
 /// as whitespace) so that per-request comments such as sqlcommenter trace ids
-/// do not defeat the cache; runs of whitespace hash as one space.
+/// do not defeat the cache; runs of whitespace hash as one space. A string
+/// or comment that never ends is hashed verbatim: the statement is broken,
+/// and must not share a cached verdict with a complete one (`select ' `
+/// with `select '\n'`).
 ///
 /// The hash is SipHash keyed once per process with random keys, so values
 /// differ between runs. Keying matters because the cache is shared by all
@@ -51,9 +54,15 @@ pub fn fingerprint(sql: &str) -> u64 {
     };
     let mut started = false;
     let mut gap = false;
+    let mut after_symbol = false;
     for token in Lexer::new(sql) {
         gap |= started && token.after_space;
-        if token.kind == TokenKind::Comment {
+        // A comment glued to an operator (`@--x`) ends the operator in
+        // PostgreSQL but not in sqlparser, whose verdict on the text then
+        // depends on the comment: such a comment is hashed.
+        let glued = after_symbol && !token.after_space;
+        after_symbol = token.kind == TokenKind::Symbol;
+        if token.kind == TokenKind::Comment && !glued {
             gap = started;
             continue;
         }
@@ -116,6 +125,9 @@ pub(crate) enum TokenKind {
     Param,
     /// Any other single byte: operators and punctuation.
     Symbol,
+    /// A string, quoted identifier or block comment that never ends: it runs
+    /// to the end of the text, and the server rejects the statement.
+    Unterminated,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -130,9 +142,9 @@ pub(crate) struct Token<'a> {
     pub(crate) after_space: bool,
 }
 
-/// PostgreSQL-compatible tokenizer that never fails: unterminated strings
-/// and comments extend to the end of the text, as the server would also
-/// reject them.
+/// PostgreSQL-compatible tokenizer that never fails: an unterminated string
+/// or comment is one [`TokenKind::Unterminated`] token to the end of the
+/// text, which the server would reject.
 pub(crate) struct Lexer<'a> {
     sql: &'a str,
     pos: usize,
@@ -162,8 +174,8 @@ impl<'a> Lexer<'a> {
         let delimiter = &self.sql[start..body];
         let end = self.sql[body..]
             .find(delimiter)
-            .map_or(bytes.len(), |at| body + at + delimiter.len());
-        (TokenKind::String, end)
+            .map(|at| body + at + delimiter.len());
+        closed(TokenKind::String, end, bytes.len())
     }
 }
 
@@ -182,29 +194,40 @@ impl<'a> Iterator for Lexer<'a> {
                 TokenKind::Comment,
                 skip_while(bytes, start, |b| b != b'\n' && b != b'\r'),
             ),
-            b'/' if second == Some(b'*') => (TokenKind::Comment, block_comment_end(bytes, start)),
-            b'\'' => (
+            b'/' if second == Some(b'*') => closed(
+                TokenKind::Comment,
+                block_comment_end(bytes, start),
+                bytes.len(),
+            ),
+            b'\'' => closed(
                 TokenKind::String,
                 quoted_end(bytes, start + 1, b'\'', false),
+                bytes.len(),
             ),
-            b'"' => (
+            b'"' => closed(
                 TokenKind::QuotedIdent,
                 quoted_end(bytes, start + 1, b'"', false),
+                bytes.len(),
             ),
-            b'e' | b'E' if second == Some(b'\'') => {
-                (TokenKind::String, quoted_end(bytes, start + 2, b'\'', true))
-            }
-            b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if second == Some(b'\'') => (
+            b'e' | b'E' if second == Some(b'\'') => closed(
+                TokenKind::String,
+                quoted_end(bytes, start + 2, b'\'', true),
+                bytes.len(),
+            ),
+            b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if second == Some(b'\'') => closed(
                 TokenKind::String,
                 quoted_end(bytes, start + 2, b'\'', false),
+                bytes.len(),
             ),
-            b'u' | b'U' if second == Some(b'&') && bytes.get(start + 2) == Some(&b'\'') => (
+            b'u' | b'U' if second == Some(b'&') && bytes.get(start + 2) == Some(&b'\'') => closed(
                 TokenKind::String,
                 quoted_end(bytes, start + 3, b'\'', false),
+                bytes.len(),
             ),
-            b'u' | b'U' if second == Some(b'&') && bytes.get(start + 2) == Some(&b'"') => (
+            b'u' | b'U' if second == Some(b'&') && bytes.get(start + 2) == Some(&b'"') => closed(
                 TokenKind::QuotedIdent,
                 quoted_end(bytes, start + 3, b'"', false),
+                bytes.len(),
             ),
             b'$' => self.dollar(start),
             b'0'..=b'9' => (TokenKind::Number, number_end(bytes, start)),
@@ -248,9 +271,17 @@ fn skip_while(bytes: &[u8], mut i: usize, keep: impl Fn(u8) -> bool) -> usize {
     i
 }
 
-/// Position after the closing quote; a doubled quote is an escaped quote,
-/// and in `E'...'` so is anything after a backslash.
-fn quoted_end(bytes: &[u8], mut i: usize, quote: u8, backslash_escapes: bool) -> usize {
+/// A token of `kind` ending at `end`, or an unterminated one to `len`.
+fn closed(kind: TokenKind, end: Option<usize>, len: usize) -> (TokenKind, usize) {
+    match end {
+        Some(end) => (kind, end),
+        None => (TokenKind::Unterminated, len),
+    }
+}
+
+/// Position after the closing quote, if there is one; a doubled quote is an
+/// escaped quote, and in `E'...'` so is anything after a backslash.
+fn quoted_end(bytes: &[u8], mut i: usize, quote: u8, backslash_escapes: bool) -> Option<usize> {
     while let Some(&b) = bytes.get(i) {
         if b == b'\\' && backslash_escapes {
             i += 2;
@@ -259,14 +290,14 @@ fn quoted_end(bytes: &[u8], mut i: usize, quote: u8, backslash_escapes: bool) ->
         } else if bytes.get(i + 1) == Some(&quote) {
             i += 2;
         } else {
-            return i + 1;
+            return Some(i + 1);
         }
     }
-    bytes.len()
+    None
 }
 
 /// Block comments nest in PostgreSQL, unlike in the SQL standard.
-fn block_comment_end(bytes: &[u8], start: usize) -> usize {
+fn block_comment_end(bytes: &[u8], start: usize) -> Option<usize> {
     let mut depth = 0usize;
     let mut i = start;
     while i + 1 < bytes.len() {
@@ -279,13 +310,13 @@ fn block_comment_end(bytes: &[u8], start: usize) -> usize {
                 depth -= 1;
                 i += 2;
                 if depth == 0 {
-                    return i;
+                    return Some(i);
                 }
             }
             _ => i += 1,
         }
     }
-    bytes.len()
+    None
 }
 
 /// `123`, `1_000`, `1.5`, `.5`, `1.`, `1e-3`; stops before `..` (PL/pgSQL
@@ -366,6 +397,11 @@ mod tests {
             ("select a b", "select ab"),
             ("select 1; select 2", "select 1"),
             ("select a$1", "select a$2"),
+            // A broken statement never shares a verdict with a complete one.
+            ("select ' \n'", "select ' "),
+            ("select 1 /* x */", "select 1 /* x"),
+            ("select $$x$$", "select $$x"),
+            ("select 1 @--x\n", "select 1 @--y\n"),
         ];
         for (a, b) in different {
             assert_ne!(fingerprint(a), fingerprint(b), "{a:?} vs {b:?}");
@@ -389,7 +425,12 @@ mod tests {
         assert_eq!(kinds("1e'x'")[..2], [(Number, "1"), (String, "e'x'")]);
         assert_eq!(kinds("1..2")[..2], [(Number, "1"), (Symbol, ".")]);
         assert_eq!(kinds("t1.c2"), [(Word, "t1"), (Symbol, "."), (Word, "c2")]);
-        assert_eq!(kinds("'open"), [(String, "'open")]);
+        assert_eq!(kinds("'open"), [(Unterminated, "'open")]);
+        assert_eq!(
+            kinds("x /* a /* b */"),
+            [(Word, "x"), (Unterminated, "/* a /* b */")]
+        );
+        assert_eq!(kinds("e'a\\'"), [(Unterminated, "e'a\\'")]);
         assert_eq!(kinds("<--x"), [(Symbol, "<"), (Comment, "--x")]);
         assert_eq!(kinds("é1"), [(Word, "é1")]);
     }

@@ -47,6 +47,11 @@ impl RawClient {
         }
     }
 
+    /// Bytes exactly as given, whatever they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
     /// Whether the server closed the connection (after any unread bytes).
     pub async fn closed(&mut self) -> bool {
         self.buf.clear();

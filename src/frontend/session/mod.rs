@@ -16,7 +16,10 @@ mod state;
 mod statements;
 mod unit;
 
-pub use state::{Params, PinReason, startup_params, sync_sql};
+pub use state::{
+    ParamChange, Params, PinReason, param_change, pin_reason, starts_copy, startup_params, sync_sql,
+};
+pub use statements::Statement;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,8 +29,7 @@ use tokio::sync::watch;
 
 use self::consistency::Consistency;
 use self::pending::{Capture, Kind, ParseUndo, Pending};
-use self::state::ParamChange;
-use self::statements::{Statement, Statements};
+use self::statements::Statements;
 use super::Shared;
 use super::cancel::CancelHandle;
 use super::client::ClientConn;
@@ -300,7 +302,14 @@ impl Session {
         }
     }
     pub async fn run(mut self) -> Result<(), ClientError> {
-        let result = self.serve().await;
+        let serving = std::panic::AssertUnwindSafe(self.serve());
+        let result = match futures_util::FutureExt::catch_unwind(serving).await {
+            Ok(result) => result,
+            Err(panic) => {
+                self.after_panic().await;
+                std::panic::resume_unwind(panic);
+            }
+        };
         self.detach_for_good().await;
         match &result {
             Err(e) => {
@@ -312,6 +321,24 @@ impl Session {
             Ok(()) => self.client.shutdown().await,
         }
         result
+    }
+    /// A bug ended the session: the client is told so (unless it is in the
+    /// middle of a message it will never see the end of) and its server
+    /// connection, in whatever state the bug left it, is closed. The panic
+    /// then goes on to `serve_client`, which logs and counts it.
+    async fn after_panic(&mut self) {
+        if let Some(server) = self.server.take() {
+            discard(server.conn);
+        }
+        if self.passthrough == 0 {
+            let error = backend::error_response(
+                Severity::Fatal,
+                "XX000",
+                "internal error in the proxy: this session was ended, others go on",
+            );
+            let _ = self.client.send(&error).await;
+        }
+        self.client.shutdown().await;
     }
     async fn serve(&mut self) -> Result<(), ClientError> {
         // Made once: a `changed()` future made on every turn of the loop
@@ -618,6 +645,9 @@ impl Session {
     }
     /// The Sync that ends a batch the proxy failed part of.
     async fn sync_after_error(&mut self, sync: Frame) -> Result<(), ClientError> {
+        // The failed batch committed nothing: no commit LSN to learn.
+        self.unit_writes = false;
+        self.unit_copies = false;
         if self.server.is_some() {
             self.forward(&sync, Kind::Sync).await?;
             self.unsynced = false;

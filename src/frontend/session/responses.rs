@@ -88,6 +88,14 @@ impl Session {
                 }
                 let (visible, undone) = self.pending.on_error();
                 self.undo_parses(undone);
+                if self.pending.is_empty() && self.unsynced {
+                    // The error answers an extended message whose Sync the
+                    // client has not sent yet: the server ignores everything
+                    // up to that Sync, so the proxy must not expect answers
+                    // to what comes before it (they would never arrive and
+                    // the session would wait for them forever).
+                    self.skip_to_sync = true;
+                }
                 let fields = ErrorFields::decode(&frame).ok();
                 if let Some(fields) = &fields
                     && fields.code == "25006"

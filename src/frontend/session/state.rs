@@ -217,7 +217,13 @@ fn split_name(rest: &str) -> Option<(&str, &str)> {
     let after = after.trim_start();
     let value = if let Some(v) = after.strip_prefix('=') {
         v
-    } else if after.len() >= 2 && after[..2].eq_ignore_ascii_case("to") {
+    } else if after
+        .as_bytes()
+        .get(..2)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"to"))
+    {
+        // Compared as bytes: `after` may start with a multi-byte character,
+        // and slicing it as a str at byte 2 would panic.
         &after[2..]
     } else {
         return None;
@@ -426,6 +432,7 @@ mod tests {
             Err(PinReason::UntrackedSet)
         );
         assert_eq!(param_change("set a = 'x;y'").unwrap(), set("a", "'x;y'"));
+        assert_eq!(param_change("set a €"), Err(PinReason::UntrackedSet));
     }
 
     #[test]

@@ -207,7 +207,9 @@ impl<'a> Statement<'a> {
         while let Some(t) = self.tokens.next_if(|t| !is_semicolon(t)) {
             last = t;
         }
-        if !self.finished() {
+        // An unterminated string: the server rejects the statement, so it
+        // is no proxy command.
+        if !self.finished() || last.kind == TokenKind::Unterminated {
             return None;
         }
         if first.start != last.start {
