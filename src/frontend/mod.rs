@@ -104,15 +104,18 @@ async fn start_session(
     let local = tcp.local_addr().ok();
     let config = shared.config.load_full();
     let startup_timeout = config.listen.startup_timeout;
+    // The startup phase's futures (a TLS handshake, SCRAM, the first
+    // checkout) are boxed: inline, they would size every client's task for
+    // its whole life, though they are done before the session starts.
     let opened = tokio::time::timeout(
         startup_timeout,
-        handshake::open(
+        Box::pin(handshake::open(
             tcp,
             shared.tls.as_ref(),
             &shared.cancels,
             config.listen.max_message_size,
             shared.metrics.client_errors(),
-        ),
+        )),
     )
     .await
     .map_err(|_| ClientError::StartupTimeout)??;
@@ -140,7 +143,7 @@ async fn start_session(
         tracing::Span::current().record("db", crate::admin::console::DATABASE);
         let login = tokio::time::timeout(
             startup_timeout,
-            handshake::authenticate(&mut client, &admin),
+            Box::pin(handshake::authenticate(&mut client, &admin)),
         )
         .await
         .map_err(|_| ClientError::StartupTimeout)
@@ -159,24 +162,34 @@ async fn start_session(
             .send(&backend::ready_for_query(TxStatus::Idle))
             .await?;
         client.flush().await?;
-        return crate::admin::console::serve(shared.clone(), client, shutdown).await;
+        // Boxed: the console's commands (a switchover through etcd) are large
+        // futures that application clients' tasks should not be sized for.
+        return Box::pin(crate::admin::console::serve(
+            shared.clone(),
+            client,
+            shutdown,
+        ))
+        .await;
     }
-    let login = tokio::time::timeout(startup_timeout, async {
-        let users = shared.users.load();
-        let (user, database) = handshake::find_user(&users, &startup)?;
-        let user = user.clone();
-        drop(users);
-        tracing::Span::current().record("user", user.name.as_str());
-        tracing::Span::current().record("db", database.as_str());
-        tracing::Span::current().record("pool_mode", config.pool.mode.as_str());
-        handshake::authenticate(&mut client, &user).await?;
-        let slot = user
-            .take_slot()
-            .ok_or_else(|| ClientError::TooManyForUser(user.name.clone()))?;
-        let wanted = session::startup_params(&startup.params);
-        let (params, kept) = server_parameters(shared, &user, &database, &wanted).await?;
-        Ok::<_, ClientError>((user, slot, database, params, wanted, kept))
-    })
+    let login = tokio::time::timeout(
+        startup_timeout,
+        Box::pin(async {
+            let users = shared.users.load();
+            let (user, database) = handshake::find_user(&users, &startup)?;
+            let user = user.clone();
+            drop(users);
+            tracing::Span::current().record("user", user.name.as_str());
+            tracing::Span::current().record("db", database.as_str());
+            tracing::Span::current().record("pool_mode", config.pool.mode.as_str());
+            handshake::authenticate(&mut client, &user).await?;
+            let slot = user
+                .take_slot()
+                .ok_or_else(|| ClientError::TooManyForUser(user.name.clone()))?;
+            let wanted = session::startup_params(&startup.params);
+            let (params, kept) = server_parameters(shared, &user, &database, &wanted).await?;
+            Ok::<_, ClientError>((user, slot, database, params, wanted, kept))
+        }),
+    )
     .await
     .map_err(|_| ClientError::StartupTimeout)
     .and_then(|r| r);

@@ -30,15 +30,18 @@ impl deadpool::managed::Manager for ServerManager {
 
     async fn create(&self) -> Result<ServerConnection, ServerError> {
         let settings = self.settings.load_full();
+        // Boxed: connecting (TLS handshake, SCRAM) is a large state machine
+        // that every checkout future would otherwise carry inline, in every
+        // client's task, for the rare checkout that opens a connection.
         tokio::time::timeout(
             settings.connect_timeout,
-            ServerConnection::connect(
+            Box::pin(ServerConnection::connect(
                 self.node,
                 self.addr,
                 &self.login,
                 &self.tls,
                 settings.prepared_statements_cap,
-            ),
+            )),
         )
         .await
         .map_err(|_| ServerError::Timeout)?
@@ -72,7 +75,9 @@ impl deadpool::managed::Manager for ServerManager {
         // restart, idle timeout, network): check it rather than hand it to a
         // client that would see the failure.
         if metrics.last_used() > settings.health_check_after {
-            conn.check(settings.connect_timeout)
+            // Boxed for the same reason as `create`'s connect: rare, and
+            // otherwise inline in every checkout.
+            Box::pin(conn.check(settings.connect_timeout))
                 .await
                 .map_err(RecycleError::Backend)?;
         }

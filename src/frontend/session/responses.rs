@@ -354,8 +354,11 @@ impl Session {
                 self.statements.remove(parse.name);
             }
         }
+        // Boxed: a replay is rare, and every future that can reach one
+        // (server loss, stale reads, new epochs) would otherwise carry a
+        // whole message's state inline in every idle client's task.
         for frame in replay.frames {
-            self.on_client_message(frame).await?;
+            Box::pin(self.on_client_message(frame)).await?;
         }
         Ok(())
     }
