@@ -13,14 +13,10 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use common::raw::{self, RawClient};
 use common::{Harness, http, simple_value};
-use tidepool::demo::{
-    self,
-    cluster::{Cluster, ClusterSpec},
-};
+use tidepool::demo::cluster::ClusterSpec;
 use tidepool::protocol::backend::{self, Auth, ErrorFields};
 use tidepool::protocol::frontend as fe;
 use tidepool::protocol::{Frame, frame, startup};
-use tidepool::proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::Client;
@@ -32,17 +28,7 @@ async fn start() -> (Harness, Client) {
         replicas: 0,
         ..ClusterSpec::default()
     };
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(spec))
-        .await
-        .unwrap()
-        .expect("cluster starts");
-    let mut config = demo::config(&cluster, "127.0.0.1:0", "");
-    config.users[0].allow_md5 = true;
-    let proxy = Proxy::start(config).await.expect("proxy starts");
-    let h = Harness {
-        cluster,
-        proxy: Some(proxy),
-    };
+    let h = Harness::start_spec(spec, |_| String::new(), |c| c.users[0].allow_md5 = true).await;
     let bystander = h.connect().await;
     bystander
         .batch_execute("begin; create temp table mine (x int); insert into mine values (1)")

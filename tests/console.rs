@@ -70,12 +70,7 @@ async fn the_console_shows_nodes_pools_and_config_and_runs_a_switchover() {
         "{wrong:?}"
     );
 
-    let console = common::connect(&format!(
-        "host=127.0.0.1 port={} user=tidepool password=adm dbname=tidepool",
-        h.port()
-    ))
-    .await
-    .unwrap();
+    let console = h.console().await;
     let err = console
         .simple_query("SHOW ME EVERYTHING")
         .await
@@ -97,29 +92,6 @@ async fn the_console_shows_nodes_pools_and_config_and_runs_a_switchover() {
     assert_eq!(port, h.cluster.nodes()[1].port.to_string());
 }
 
-/// Rows of a console command as column-name → value maps.
-async fn show(
-    console: &tokio_postgres::Client,
-    command: &str,
-) -> Vec<std::collections::HashMap<String, String>> {
-    console
-        .simple_query(command)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn show_clients_servers_and_stats_follow_a_transaction() {
     let h = Harness::start(ADMIN).await;
@@ -133,16 +105,11 @@ async fn show_clients_servers_and_stats_follow_a_transaction() {
     app.batch_execute("begin").await.unwrap();
     let pid =
         common::simple_value(&app, "insert into s values (1) returning pg_backend_pid()").await;
-    let console = common::connect(&format!(
-        "host=127.0.0.1 port={} user=tidepool password=adm dbname=tidepool",
-        h.port()
-    ))
-    .await
-    .unwrap();
+    let console = h.console().await;
 
     // The server connection in the transaction is listed, active, linked to
     // the client, which is listed active and linked back to it.
-    let servers = show(&console, "SHOW SERVERS").await;
+    let servers = common::simple_table(&console, "SHOW SERVERS").await;
     let server = servers
         .iter()
         .find(|s| s["remote_pid"] == pid)
@@ -154,7 +121,7 @@ async fn show_clients_servers_and_stats_follow_a_transaction() {
         (server["user"].as_str(), server["database"].as_str()),
         ("app", "postgres")
     );
-    let clients = show(&console, "SHOW CLIENTS").await;
+    let clients = common::simple_table(&console, "SHOW CLIENTS").await;
     let client = clients
         .iter()
         .find(|c| c["application_name"] == "showme")
@@ -171,13 +138,13 @@ async fn show_clients_servers_and_stats_follow_a_transaction() {
 
     // Committed: the server goes back to the pool idle, the client unlinked.
     app.batch_execute("commit").await.unwrap();
-    let servers = show(&console, "SHOW SERVERS").await;
+    let servers = common::simple_table(&console, "SHOW SERVERS").await;
     let server = servers.iter().find(|s| s["remote_pid"] == pid).unwrap();
     assert_eq!(
         (server["state"].as_str(), server["link"].as_str()),
         ("idle", "")
     );
-    let clients = show(&console, "SHOW CLIENTS").await;
+    let clients = common::simple_table(&console, "SHOW CLIENTS").await;
     let client = clients
         .iter()
         .find(|c| c["application_name"] == "showme")
@@ -187,21 +154,21 @@ async fn show_clients_servers_and_stats_follow_a_transaction() {
         ("idle", "")
     );
 
-    let lag = show(&console, "SHOW LAG").await;
+    let lag = common::simple_table(&console, "SHOW LAG").await;
     assert_eq!(lag.len(), 2, "{lag:?}");
     assert!(lag.iter().all(|r| r["lagging"] == "false"), "{lag:?}");
-    let databases = show(&console, "SHOW DATABASES").await;
+    let databases = common::simple_table(&console, "SHOW DATABASES").await;
     assert_eq!(databases.len(), 3, "{databases:?}");
     assert!(
         databases.iter().all(|d| d["pool_size"] == "20"),
         "{databases:?}"
     );
-    let help = show(&console, "SHOW HELP").await;
+    let help = common::simple_table(&console, "SHOW HELP").await;
     for command in ["SHOW CLIENTS", "SHOW STATS", "RELOAD"] {
         assert!(help.iter().any(|r| r["command"] == command), "{help:?}");
     }
 
-    let stats = show(&console, "SHOW STATS").await;
+    let stats = common::simple_table(&console, "SHOW STATS").await;
     let db = stats
         .iter()
         .find(|s| s["database"] == "postgres")

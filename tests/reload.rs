@@ -22,26 +22,14 @@ fn message(e: &tokio_postgres::Error) -> String {
         .unwrap_or_default()
 }
 
-async fn console(h: &Harness) -> tokio_postgres::Client {
-    common::connect(&format!(
-        "host=127.0.0.1 port={} user=tidepool password=adm dbname=tidepool",
-        h.port()
-    ))
-    .await
-    .unwrap()
-}
-
 async fn config_value(console: &tokio_postgres::Client, key: &str) -> String {
-    let messages = console.simple_query("SHOW CONFIG").await.unwrap();
-    messages
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(key) => {
-                r.get(1).map(str::to_owned)
-            }
-            _ => None,
-        })
+    common::simple_table(console, "SHOW CONFIG")
+        .await
+        .into_iter()
+        .find(|row| row["key"] == key)
         .unwrap_or_else(|| panic!("{key} in SHOW CONFIG"))
+        .remove("value")
+        .expect("a value column")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -73,7 +61,7 @@ async fn reload_resizes_pools_adds_users_and_keeps_clients() {
         &path,
         &extra("size = 3", "consistency = \"eventual\"", "t1", app2),
     );
-    let console = console(&h).await;
+    let console = h.console().await;
     console.simple_query("RELOAD").await.unwrap();
     assert_eq!(config_value(&console, "pool.size").await, "3");
     assert_eq!(
@@ -174,11 +162,7 @@ async fn post_reload_needs_the_token_and_can_change_it() {
 /// `tidepool run` rereads its file on SIGHUP.
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_running_binary() {
-    let cluster =
-        tokio::task::spawn_blocking(|| tidepool::demo::cluster::Cluster::start(Default::default()))
-            .await
-            .unwrap()
-            .unwrap();
+    let cluster = common::start_cluster(Default::default()).await;
     let port = tidepool::demo::cluster::free_port();
     let admin_port = tidepool::demo::cluster::free_port();
     let path = cluster.dir().join("run.toml");

@@ -13,10 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{connect, http, simple_rows, sqlstate};
-use tidepool::demo::{
-    self,
-    cluster::{Cluster, ClusterSpec},
-};
+use tidepool::demo::{self, cluster::ClusterSpec};
 use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN_PASSWORD: &str = "AdmPw5ecretQ7f3a9";
@@ -62,17 +59,13 @@ async fn listening(log: &std::path::Path) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_secret_in_logs_errors_or_admin_views() {
-    let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start(ClusterSpec {
-            replicas: 1,
-            admin_password: ADMIN_PASSWORD.into(),
-            users: vec![("app".into(), APP_PASSWORD.into())],
-            ..ClusterSpec::default()
-        })
+    let cluster = common::start_cluster(ClusterSpec {
+        replicas: 1,
+        admin_password: ADMIN_PASSWORD.into(),
+        users: vec![("app".into(), APP_PASSWORD.into())],
+        ..ClusterSpec::default()
     })
-    .await
-    .unwrap()
-    .expect("cluster starts");
+    .await;
     // The servers' own SCRAM secrets for both roles: not to be shown either.
     let server_secrets = tokio::task::block_in_place(|| {
         cluster.psql(

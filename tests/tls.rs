@@ -23,13 +23,6 @@ use tidepool::proxy::Proxy;
 const WHO_AND_TLS: &str =
     "select inet_server_port(), ssl from pg_stat_ssl where pid = pg_backend_pid()";
 
-async fn cluster(spec: ClusterSpec) -> Cluster {
-    tokio::task::spawn_blocking(|| Cluster::start(spec))
-        .await
-        .unwrap()
-        .expect("cluster starts")
-}
-
 async fn proxy(cluster: &Cluster, extra: &str, adjust: impl FnOnce(&mut Config)) -> Proxy {
     let mut config = demo::config(cluster, "127.0.0.1:0", extra);
     adjust(&mut config);
@@ -188,7 +181,7 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path(), "good");
     let stranger = Pki::generate(dir.path(), "other");
-    let cluster = cluster(ClusterSpec {
+    let cluster = common::start_cluster(ClusterSpec {
         ssl: Some(NodeSsl {
             cert: pki.server_cert.clone(),
             key: pki.server_key.clone(),
@@ -319,7 +312,7 @@ async fn verify_full_encrypts_every_connection_to_every_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn require_refuses_a_plain_server_and_prefer_falls_back() {
     let logs = Logs::capture();
-    let cluster = cluster(ClusterSpec {
+    let cluster = common::start_cluster(ClusterSpec {
         replicas: 1,
         ..ClusterSpec::default()
     })

@@ -7,7 +7,7 @@ pub mod load;
 pub mod pki;
 pub mod raw;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tidepool::config::Config;
@@ -42,10 +42,7 @@ impl Harness {
         extra: impl FnOnce(&Cluster) -> String,
         adjust: impl FnOnce(&mut Config),
     ) -> Harness {
-        let cluster = tokio::task::spawn_blocking(|| Cluster::start(spec))
-            .await
-            .unwrap()
-            .expect("cluster starts");
+        let cluster = start_cluster(spec).await;
         let mut config = demo::config(&cluster, "127.0.0.1:0", &extra(&cluster));
         adjust(&mut config);
         config.validate().expect("adjusted config is valid");
@@ -59,10 +56,7 @@ impl Harness {
     /// Like `start`, with the proxy started from a TOML file (returned) so
     /// that reloads have something to reread.
     pub async fn start_from_file(extra: &str) -> (Harness, std::path::PathBuf) {
-        let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterSpec::default()))
-            .await
-            .unwrap()
-            .expect("cluster starts");
+        let cluster = start_cluster(ClusterSpec::default()).await;
         let path = cluster.dir().join("tidepool.toml");
         std::fs::write(&path, demo::config_toml(&cluster, "127.0.0.1:0", extra)).unwrap();
         let proxy = Proxy::start_from_file(&path).await.expect("proxy starts");
@@ -108,6 +102,13 @@ impl Harness {
             .expect("connect through tidepool")
     }
 
+    /// The admin console, as the `[admin]` user `tidepool` with password `adm`.
+    pub async fn console(&self) -> Client {
+        connect(&self.url("tidepool", "adm", "tidepool"))
+            .await
+            .expect("connect to the admin console")
+    }
+
     /// A client straight to the primary as the admin, for setup and checks.
     pub async fn admin(&self) -> Client {
         connect(&format!(
@@ -136,6 +137,34 @@ impl Harness {
             ("PGCONNECT_TIMEOUT", "10".into()),
         ]
     }
+}
+
+/// Starts a cluster without blocking the test's runtime.
+pub async fn start_cluster(spec: ClusterSpec) -> Cluster {
+    tokio::task::spawn_blocking(|| Cluster::start(spec))
+        .await
+        .unwrap()
+        .expect("cluster starts")
+}
+
+/// A simple query's rows as column name → text value (NULL as "").
+pub async fn simple_table(client: &Client, sql: &str) -> Vec<HashMap<String, String>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
