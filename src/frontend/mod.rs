@@ -101,12 +101,30 @@ async fn start_session(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
-    let local = tcp.local_addr().ok();
-    let config = shared.config.load_full();
-    let startup_timeout = config.listen.startup_timeout;
     // The startup phase's futures (a TLS handshake, SCRAM, the first
     // checkout) are boxed: inline, they would size every client's task for
     // its whole life, though they are done before the session starts.
+    let Some((client, setup)) = Box::pin(log_in(shared, tcp, peer, &shutdown)).await? else {
+        return Ok(());
+    };
+    // Owned here and lent to `run`: an async fn's arguments are stored
+    // twice in its future, and the session is the biggest part of an idle
+    // client.
+    let mut session = session::Session::new(shared.clone(), client, setup, shutdown);
+    session.run().await
+}
+
+/// Startup and authentication: the client and what its session needs, or
+/// `None` when there is no session to run (a cancel request, the console).
+async fn log_in(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<(ClientConn, session::SessionSetup)>, ClientError> {
+    let local = tcp.local_addr().ok();
+    let config = shared.config.load_full();
+    let startup_timeout = config.listen.startup_timeout;
     let opened = tokio::time::timeout(
         startup_timeout,
         Box::pin(handshake::open(
@@ -125,7 +143,7 @@ async fn start_session(
         tls,
     } = opened
     else {
-        return Ok(());
+        return Ok(None);
     };
     let info = |user: &str, database: &str| {
         Arc::new(ClientInfo {
@@ -149,7 +167,7 @@ async fn start_session(
         .map_err(|_| ClientError::StartupTimeout)
         .and_then(|r| r);
         if let Err(e) = login {
-            return refuse(client, e).await;
+            return Err(refuse(client, e).await);
         }
         for (name, value) in CONSOLE_PARAMETERS {
             client.send(&backend::parameter_status(name, value)).await?;
@@ -167,9 +185,10 @@ async fn start_session(
         return Box::pin(crate::admin::console::serve(
             shared.clone(),
             client,
-            shutdown,
+            shutdown.clone(),
         ))
-        .await;
+        .await
+        .map(|()| None);
     }
     let login = tokio::time::timeout(
         startup_timeout,
@@ -193,9 +212,9 @@ async fn start_session(
     .await
     .map_err(|_| ClientError::StartupTimeout)
     .and_then(|r| r);
-    let (user, _slot, database, params, wanted, kept) = match login {
+    let (user, slot, database, params, wanted, kept) = match login {
         Ok(login) => login,
-        Err(e) => return refuse(client, e).await,
+        Err(e) => return Err(refuse(client, e).await),
     };
     for (name, value) in &params {
         client.send(&backend::parameter_status(name, value)).await?;
@@ -218,6 +237,7 @@ async fn start_session(
     let consistency = user.consistency.unwrap_or(config.routing.consistency);
     let setup = session::SessionSetup {
         user,
+        slot,
         database,
         cancel,
         params: wanted,
@@ -225,9 +245,7 @@ async fn start_session(
         pool_mode: config.pool.mode,
         attached: kept,
     };
-    session::Session::new(shared.clone(), client, setup, shutdown)
-        .run()
-        .await
+    Ok(Some((client, setup)))
 }
 
 /// What psql needs to hear from the console (it is no PostgreSQL server).
@@ -252,12 +270,12 @@ fn console_user(
 }
 
 /// Tells the client why it cannot have a session, then closes.
-async fn refuse(mut client: ClientConn, error: ClientError) -> Result<(), ClientError> {
+async fn refuse(mut client: ClientConn, error: ClientError) -> ClientError {
     if let Some(frame) = error.to_frame() {
         let _ = client.send(&frame).await;
     }
     client.shutdown().await;
-    Err(error)
+    error
 }
 
 /// The ParameterStatus set a client gets at startup: the primary's (any

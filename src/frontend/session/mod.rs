@@ -35,7 +35,7 @@ use super::cancel::CancelHandle;
 use super::client::ClientConn;
 use super::error::{ClientError, RouteError};
 use super::stats::DatabaseStats;
-use super::users::UserEntry;
+use super::users::{UserEntry, UserSlot};
 use crate::config::{ConsistencyMode, PoolMode};
 use crate::pool::registry::CheckoutError;
 use crate::pool::{Checkout, PoolKey, ServerError};
@@ -50,6 +50,8 @@ use crate::topology::{Lsn, NodeId, Role};
 /// Who the client is and what it asked for at startup.
 pub struct SessionSetup {
     pub user: Arc<UserEntry>,
+    /// Counts the session against the user's `max_connections` while it lives.
+    pub slot: UserSlot,
     pub database: String,
     pub cancel: CancelHandle,
     /// Its startup parameters, as SQL values.
@@ -128,6 +130,27 @@ enum Timeout {
     Query,
 }
 
+/// What woke an idle session.
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    /// The session just began: messages may already be buffered.
+    Start,
+    ClientBytes,
+    ServerBytes,
+    /// The server connection closed or failed.
+    ServerLost,
+    Timeout(Timeout),
+    ShutdownStarted,
+    NewEpoch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Wait,
+    /// The client said Terminate.
+    End,
+}
+
 struct Replay {
     frames: Vec<Frame>,
     bytes: usize,
@@ -148,9 +171,11 @@ pub struct Session {
     shared: Arc<Shared>,
     client: ClientConn,
     user: Arc<UserEntry>,
+    _slot: UserSlot,
     database: String,
     cancel: CancelHandle,
-    server: Option<Attached>,
+    /// Boxed: most clients sit idle, without one, most of the time.
+    server: Option<Box<Attached>>,
     pending: Pending,
     /// Transaction status as the client last saw it.
     client_status: TxStatus,
@@ -233,6 +258,7 @@ impl Session {
     ) -> Session {
         let SessionSetup {
             user,
+            slot,
             database,
             cancel,
             params,
@@ -247,19 +273,20 @@ impl Session {
         client.count_into(stats.clone());
         let server = attached.map(|mut conn| {
             conn.clean = false;
-            Attached {
+            Box::new(Attached {
                 conn,
                 role: Role::Primary,
                 status: TxStatus::Idle,
                 replay: None,
                 fatal: None,
                 _busy: Busy::new(&shared),
-            }
+            })
         });
         Session {
             shared,
             client,
             user,
+            _slot: slot,
             database,
             cancel,
             server,
@@ -301,26 +328,29 @@ impl Session {
             draining: false,
         }
     }
-    pub async fn run(mut self) -> Result<(), ClientError> {
+    pub async fn run(&mut self) -> Result<(), ClientError> {
         let serving = std::panic::AssertUnwindSafe(self.serve());
         let result = match futures_util::FutureExt::catch_unwind(serving).await {
             Ok(result) => result,
             Err(panic) => {
-                self.after_panic().await;
+                Box::pin(self.after_panic()).await;
                 std::panic::resume_unwind(panic);
             }
         };
-        self.detach_for_good().await;
-        match &result {
-            Err(e) => {
-                if let Some(frame) = e.to_frame() {
-                    let _ = self.client.send(&frame).await;
-                }
-                self.client.shutdown().await;
-            }
-            Ok(()) => self.client.shutdown().await,
-        }
+        // Boxed, as the event handling is: it runs once, at the end.
+        Box::pin(self.end(&result)).await;
         result
+    }
+    /// Gives the server connection back (or closes it), tells the client
+    /// why its session ended, and closes.
+    async fn end(&mut self, result: &Result<(), ClientError>) {
+        self.detach_for_good().await;
+        if let Err(e) = result
+            && let Some(frame) = e.to_frame()
+        {
+            let _ = self.client.send(&frame).await;
+        }
+        self.client.shutdown().await;
     }
     /// A bug ended the session: the client is told so (unless it is in the
     /// middle of a message it will never see the end of) and its server
@@ -340,39 +370,20 @@ impl Session {
         }
         self.client.shutdown().await;
     }
+    /// Waits for the next event and handles it. The handling (routing,
+    /// checkouts, streaming responses) is a large future and is boxed: the
+    /// task of a client that sits idle holds only the wait below, which is
+    /// what makes an idle client cost a few KiB.
     async fn serve(&mut self) -> Result<(), ClientError> {
         // Made once: a `changed()` future made on every turn of the loop
         // would register and unregister a waiter each time.
         let mut shutdown = self.shutdown.clone();
         let stop = shutdown.changed();
         tokio::pin!(stop);
+        let mut event = Event::Start;
         loop {
-            if self.waiting.is_some() && self.pending.is_empty() {
-                let frame = self.waiting.take().expect("checked");
-                if !self.on_client_message(frame).await? {
-                    return Ok(());
-                }
-            }
-            while self.waiting.is_none() {
-                let Some(frame) = self.client.try_frame()? else {
-                    break;
-                };
-                if matches!(frame.tag(), fe::QUERY | fe::EXECUTE) {
-                    self.stats.query();
-                }
-                if !self.on_client_message(frame).await? {
-                    return Ok(());
-                }
-            }
-            self.emit_synthetic().await?;
-            if let Some(server) = &mut self.server
-                && let Err(e) = server.conn.flush().await
-            {
-                tracing::debug!(error = %e, "write to server failed");
-            }
-            self.client.flush().await?;
-            if self.draining && self.is_between_transactions() {
-                return Err(ClientError::ShuttingDown);
+            if Box::pin(self.handle(event)).await? == Flow::End {
+                return Ok(());
             }
             let on_primary = self
                 .server
@@ -385,28 +396,69 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
-            let server = self.server.as_mut();
-            tokio::select! {
-                read = self.client.fill(), if self.waiting.is_none() => {
-                    if read? == 0 {
-                        return Ok(());
-                    }
-                    if self.limits.watch_client() {
-                        self.client_active_at = Instant::now();
-                    }
-                }
-                read = responses::read_server(server) => match read {
-                    Ok(n) if n > 0 => {
-                        self.owed_since = None;
-                        self.pump_server().await?
-                    }
-                    _ => self.on_server_lost().await?,
+            let server = self.server.as_deref_mut();
+            event = tokio::select! {
+                read = self.client.fill(), if self.waiting.is_none() => match read? {
+                    0 => return Ok(()),
+                    _ => Event::ClientBytes,
                 },
-                _ = expiry => self.on_timeout(timeout.expect("armed").1).await?,
-                _ = &mut stop, if !self.draining => self.draining = true,
-                _ = self.epochs.changed(), if on_primary => self.on_new_epoch().await?,
+                read = responses::read_server(server) => match read {
+                    Ok(n) if n > 0 => Event::ServerBytes,
+                    _ => Event::ServerLost,
+                },
+                _ = expiry => Event::Timeout(timeout.expect("armed").1),
+                _ = &mut stop, if !self.draining => Event::ShutdownStarted,
+                _ = self.epochs.changed(), if on_primary => Event::NewEpoch,
+            };
+        }
+    }
+    /// Handles what woke the session, then every complete client message
+    /// buffered, and flushes both sides.
+    async fn handle(&mut self, event: Event) -> Result<Flow, ClientError> {
+        match event {
+            Event::Start => {}
+            Event::ClientBytes => {
+                if self.limits.watch_client() {
+                    self.client_active_at = Instant::now();
+                }
+            }
+            Event::ServerBytes => {
+                self.owed_since = None;
+                self.pump_server().await?;
+            }
+            Event::ServerLost => self.on_server_lost().await?,
+            Event::Timeout(timeout) => self.on_timeout(timeout).await?,
+            Event::ShutdownStarted => self.draining = true,
+            Event::NewEpoch => self.on_new_epoch().await?,
+        }
+        if self.waiting.is_some() && self.pending.is_empty() {
+            let frame = self.waiting.take().expect("checked");
+            if !self.on_client_message(frame).await? {
+                return Ok(Flow::End);
             }
         }
+        while self.waiting.is_none() {
+            let Some(frame) = self.client.try_frame()? else {
+                break;
+            };
+            if matches!(frame.tag(), fe::QUERY | fe::EXECUTE) {
+                self.stats.query();
+            }
+            if !self.on_client_message(frame).await? {
+                return Ok(Flow::End);
+            }
+        }
+        self.emit_synthetic().await?;
+        if let Some(server) = &mut self.server
+            && let Err(e) = server.conn.flush().await
+        {
+            tracing::debug!(error = %e, "write to server failed");
+        }
+        self.client.flush().await?;
+        if self.draining && self.is_between_transactions() {
+            return Err(ClientError::ShuttingDown);
+        }
+        Ok(Flow::Wait)
     }
     /// When the session's next timeout fires, if one is configured for what
     /// it is doing now: waiting for a server's answer (query_timeout), or for

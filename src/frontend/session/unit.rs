@@ -193,14 +193,14 @@ impl Session {
                 Ok(mut conn) => {
                     conn.clean = false;
                     self.cancel.set_target(Some((conn.addr, conn.key)));
-                    self.server = Some(Attached {
+                    self.server = Some(Box::new(Attached {
                         conn,
                         role,
                         status: TxStatus::Idle,
                         replay: None,
                         fatal: None,
                         _busy: Busy::new(&self.shared),
-                    });
+                    }));
                     return Ok(());
                 }
                 Err(
