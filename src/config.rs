@@ -27,6 +27,23 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Keys bound at start, which a reload cannot change (a trailing `.`: the
+/// whole table): sockets and TLS files, the classifier's setup, the cluster
+/// and coordinator wiring, the console login. Everything else takes effect
+/// on reload.
+pub const FIXED_KEYS: [&str; 10] = [
+    "listen.address",
+    "listen.admin",
+    "listen.tls_cert",
+    "listen.tls_key",
+    "routing.write_functions",
+    "routing.classify_cache_size",
+    "cluster.",
+    "coordinator.",
+    "admin.user",
+    "admin.password",
+];
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -607,37 +624,41 @@ impl Config {
         Ok(())
     }
 
+    /// Whether a reload changes `key` (a SHOW CONFIG key) in the running
+    /// process.
+    pub fn reloadable(key: &str) -> bool {
+        !FIXED_KEYS
+            .iter()
+            .any(|fixed| match fixed.strip_suffix('.') {
+                Some(table) => key.strip_prefix(table).is_some_and(|k| k.starts_with('.')),
+                None => key == *fixed,
+            })
+    }
+
     /// The keys that differ in `new` but are fixed for the process's life:
     /// sockets, TLS, the cluster and coordinator wiring, the console login and
     /// the classifier's setup. A reload that changes one of them is refused
     /// as a whole, so that what runs is always exactly one file's settings.
     pub fn fixed_keys_changed(&self, new: &Config) -> Vec<&'static str> {
         let (a, b) = (self, new);
-        [
-            ("listen.address", a.listen.address != b.listen.address),
-            ("listen.admin", a.listen.admin != b.listen.admin),
-            (
-                "listen.tls_cert/tls_key",
-                (&a.listen.tls_cert, &a.listen.tls_key) != (&b.listen.tls_cert, &b.listen.tls_key),
-            ),
-            (
-                "routing.write_functions",
-                a.routing.write_functions != b.routing.write_functions,
-            ),
-            (
-                "routing.classify_cache_size",
-                a.routing.classify_cache_size != b.routing.classify_cache_size,
-            ),
-            ("cluster", a.cluster != b.cluster),
-            ("coordinator", a.coordinator != b.coordinator),
-            (
-                "admin.user/password",
-                (&a.admin.user, &a.admin.password) != (&b.admin.user, &b.admin.password),
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(key, changed)| changed.then_some(key))
-        .collect()
+        // In the order of FIXED_KEYS.
+        let changed = [
+            a.listen.address != b.listen.address,
+            a.listen.admin != b.listen.admin,
+            a.listen.tls_cert != b.listen.tls_cert,
+            a.listen.tls_key != b.listen.tls_key,
+            a.routing.write_functions != b.routing.write_functions,
+            a.routing.classify_cache_size != b.routing.classify_cache_size,
+            a.cluster != b.cluster,
+            a.coordinator != b.coordinator,
+            a.admin.user != b.admin.user,
+            a.admin.password != b.admin.password,
+        ];
+        FIXED_KEYS
+            .into_iter()
+            .zip(changed)
+            .filter_map(|(key, changed)| changed.then_some(key.trim_end_matches('.')))
+            .collect()
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -708,6 +729,34 @@ admin_password = "pw"
 name = "app"
 password = "app"
 "#;
+
+    #[test]
+    fn fixed_keys_name_what_show_config_marks_unchangeable() {
+        for key in [
+            "listen.address",
+            "listen.tls_key",
+            "routing.write_functions",
+            "cluster.nodes",
+            "coordinator.lease_ttl",
+        ] {
+            assert!(!Config::reloadable(key), "{key}");
+        }
+        for key in [
+            "listen.max_clients",
+            "listen.startup_timeout",
+            "pool.size",
+            "routing.consistency",
+            "clusters.x",
+        ] {
+            assert!(Config::reloadable(key), "{key}");
+        }
+        let a = Config::parse(MINIMAL).unwrap();
+        let mut b = a.clone();
+        b.listen.tls_key = Some("k.pem".into());
+        b.cluster.poll_interval = Duration::from_secs(1);
+        b.pool.size = 3;
+        assert_eq!(a.fixed_keys_changed(&b), ["listen.tls_key", "cluster"]);
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -16,14 +16,6 @@ use tokio::sync::Mutex;
 const FAST: &str =
     "failures_before_down = 2\n\n[coordinator]\nlease_ttl = \"2s\"\nfailover_timeout = \"1s\"\n";
 
-async fn eventually(within: Duration, what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ready() {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn failover_after_kill_loses_no_acknowledged_write_and_fences_the_old_primary() {
     let mut h = Harness::start(FAST).await;
@@ -69,7 +61,7 @@ async fn failover_after_kill_loses_no_acknowledged_write_and_fences_the_old_prim
             }
         })
     };
-    eventually(Duration::from_secs(10), "writes flow", || {
+    common::wait_for(Duration::from_secs(10), "writes flow", async || {
         acked.try_lock().is_ok_and(|a| a.len() > 50)
     })
     .await;
@@ -80,16 +72,16 @@ async fn failover_after_kill_loses_no_acknowledged_write_and_fences_the_old_prim
     tokio::task::block_in_place(|| h.cluster.kill(0));
     // Backends outlive a killed postmaster for a moment and may still ack a
     // few writes: count only the writes after the new primary is published.
-    eventually(Duration::from_secs(20), "a new primary", || {
+    common::wait_for(Duration::from_secs(20), "a new primary", async || {
         let t = topology.load();
         t.epoch > old_epoch && t.primary().is_some_and(|p| p.id != NodeId(0))
     })
     .await;
     let acked_before = acked.lock().await.len();
-    eventually(
+    common::wait_for(
         Duration::from_secs(20),
         "a write acknowledged after the failover",
-        || acked.try_lock().is_ok_and(|a| a.len() > acked_before + 10),
+        async || acked.try_lock().is_ok_and(|a| a.len() > acked_before + 10),
     )
     .await;
     let recovered = killed_at.elapsed();
@@ -153,10 +145,10 @@ async fn failover_after_kill_loses_no_acknowledged_write_and_fences_the_old_prim
     };
     tokio::task::block_in_place(|| h.cluster.start_node(0)).unwrap();
     let before = tokio::task::block_in_place(|| old_max(&h));
-    eventually(
+    common::wait_for(
         Duration::from_secs(10),
         "the old primary seen again",
-        || {
+        async || {
             let t = topology.load();
             t.nodes[0].role == Role::Primary && t.nodes[0].health == tidepool::topology::Health::Up
         },
@@ -176,10 +168,10 @@ async fn failover_after_kill_loses_no_acknowledged_write_and_fences_the_old_prim
         "the fenced node received writes"
     );
     assert!(topology.load().is_fenced(NodeId(0)));
-    eventually(
+    common::wait_for(
         Duration::from_secs(5),
         "the old primary fenced over SQL",
-        || {
+        async || {
             h.cluster
                 .psql(0, "show default_transaction_read_only")
                 .is_ok_and(|v| v == "on")

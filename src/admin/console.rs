@@ -466,9 +466,7 @@ fn config(shared: &Shared) -> Vec<Frame> {
     let rows = pairs
         .into_iter()
         .map(|(key, value)| {
-            let live = ["listen.max_clients", "pool.", "routing."]
-                .iter()
-                .any(|prefix| key.starts_with(prefix));
+            let live = crate::config::Config::reloadable(key);
             vec![
                 text(key),
                 Some(value),
