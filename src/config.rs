@@ -31,11 +31,12 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
 /// whole table): sockets and TLS files, the classifier's setup, the cluster
 /// and coordinator wiring, the console login. Everything else takes effect
 /// on reload.
-pub const FIXED_KEYS: [&str; 10] = [
+pub const FIXED_KEYS: [&str; 11] = [
     "listen.address",
     "listen.admin",
     "listen.tls_cert",
     "listen.tls_key",
+    "listen.workers",
     "routing.write_functions",
     "routing.classify_cache_size",
     "cluster.",
@@ -91,6 +92,9 @@ pub struct ListenConfig {
     /// PEM certificate chain and key: when both are set, clients may use TLS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Threads serving clients (tokio workers); 0: one per CPU core. Where
+    /// PostgreSQL shares the machine's few cores, fewer leave it more.
+    pub workers: usize,
 }
 
 impl Default for ListenConfig {
@@ -104,6 +108,7 @@ impl Default for ListenConfig {
             max_message_size: 64 << 20,
             client_idle_timeout: Duration::ZERO,
             idle_in_transaction_timeout: Duration::ZERO,
+            workers: 0,
             tls_cert: None,
             tls_key: None,
         }
@@ -647,6 +652,7 @@ impl Config {
             a.listen.admin != b.listen.admin,
             a.listen.tls_cert != b.listen.tls_cert,
             a.listen.tls_key != b.listen.tls_key,
+            a.listen.workers != b.listen.workers,
             a.routing.write_functions != b.routing.write_functions,
             a.routing.classify_cache_size != b.routing.classify_cache_size,
             a.cluster != b.cluster,
@@ -735,6 +741,7 @@ password = "app"
         for key in [
             "listen.address",
             "listen.tls_key",
+            "listen.workers",
             "routing.write_functions",
             "cluster.nodes",
             "coordinator.lease_ttl",
@@ -753,9 +760,13 @@ password = "app"
         let a = Config::parse(MINIMAL).unwrap();
         let mut b = a.clone();
         b.listen.tls_key = Some("k.pem".into());
+        b.listen.workers = 1;
         b.cluster.poll_interval = Duration::from_secs(1);
         b.pool.size = 3;
-        assert_eq!(a.fixed_keys_changed(&b), ["listen.tls_key", "cluster"]);
+        assert_eq!(
+            a.fixed_keys_changed(&b),
+            ["listen.tls_key", "listen.workers", "cluster"]
+        );
     }
 
     #[test]

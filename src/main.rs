@@ -91,7 +91,16 @@ enum CtlCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // A file that does not load is reported by `run`, as any other start error.
+    let workers = match &cli.command {
+        Command::Run { config } => Config::load(config).map_or(0, |c| c.listen.workers),
+        _ => 0,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.enable_all().build().expect("tokio runtime");
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
         Command::Demo { listen } => runtime.block_on(run_demo(listen)),

@@ -87,6 +87,7 @@ pub struct Metrics {
     classify_misses: IntCounter,
 
     epoch: IntGauge,
+    worker_threads: IntGauge,
     node_up: IntGaugeVec,
     node_role: IntGaugeVec,
     node_lagging: IntGaugeVec,
@@ -280,6 +281,10 @@ impl Metrics {
                 "tidepool_topology_epoch",
                 "The topology epoch (fencing token) this proxy follows",
             ),
+            worker_threads: b.gauge(
+                "tidepool_worker_threads",
+                "Threads serving clients (listen.workers, or one per CPU core)",
+            ),
             session_panics: b.counter(
                 "tidepool_session_panics_total",
                 "Client sessions ended by a bug (a panic), each logged with its message",
@@ -376,6 +381,11 @@ impl Metrics {
     /// The checkout wait histogram for `node`, to keep in its pool handle.
     pub fn checkout_seconds(&self, node: NodeId) -> Option<Histogram> {
         self.checkout_seconds.get(node.0).cloned()
+    }
+
+    /// The runtime's worker count, as running (not as configured).
+    pub fn set_worker_threads(&self, workers: usize) {
+        self.worker_threads.set(clamp(workers as u64));
     }
 
     pub fn unit_routed(&self, node: NodeId, role: Role, reason: RouteReason) {

@@ -99,6 +99,7 @@ impl Proxy {
         let tls = tls_acceptor(&config)?;
         let server_tls = ServerTls::from_config(&config.cluster)?;
         let metrics = Arc::new(Metrics::new(&config.node_addrs()));
+        metrics.set_worker_threads(tokio::runtime::Handle::current().metrics().num_workers());
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let live = Arc::new(ArcSwap::from_pointee(config.clone()));

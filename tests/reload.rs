@@ -159,7 +159,7 @@ async fn post_reload_needs_the_token_and_can_change_it() {
     assert_eq!(post("t2").await.status, 200);
 }
 
-/// `tidepool run` rereads its file on SIGHUP.
+/// `tidepool run` rereads its file on SIGHUP, and runs on `listen.workers` threads.
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_running_binary() {
     let cluster = common::start_cluster(Default::default()).await;
@@ -171,7 +171,7 @@ async fn sighup_reloads_the_running_binary() {
         let toml = tidepool::demo::config_toml(&cluster, &format!("127.0.0.1:{port}"), &extra)
             .replace(
                 "[listen]\n",
-                &format!("[listen]\nadmin = \"127.0.0.1:{admin_port}\"\n"),
+                &format!("[listen]\nadmin = \"127.0.0.1:{admin_port}\"\nworkers = 1\n"),
             );
         std::fs::write(&path, toml).unwrap();
     };
@@ -193,6 +193,12 @@ async fn sighup_reloads_the_running_binary() {
     }
     let console = console.expect("tidepool run starts");
     assert_eq!(config_value(&console, "pool.size").await, "2");
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let metrics = common::http::get(admin, "/metrics").await.body;
+    assert!(
+        metrics.contains("\ntidepool_worker_threads 1\n"),
+        "{metrics}"
+    );
 
     write(9);
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };

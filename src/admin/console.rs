@@ -430,6 +430,7 @@ fn config(shared: &Shared) -> Vec<Frame> {
         ("listen.address", c.listen.address.clone()),
         ("listen.admin", c.listen.admin.clone()),
         ("listen.max_clients", c.listen.max_clients.to_string()),
+        ("listen.workers", c.listen.workers.to_string()),
         ("pool.mode", c.pool.mode.as_str().to_owned()),
         ("pool.size", c.pool.size.to_string()),
         (
