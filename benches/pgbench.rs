@@ -30,9 +30,13 @@ const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 /// Server connections per node (tidepool) and per (user, db) (PgBouncer): the same
 /// number, and equal to the client count, so neither proxy makes clients queue.
 const POOL_SIZE: usize = 16;
-const TARGETS: [&str; 3] = ["direct", "tidepool", "pgbouncer"];
-const TPS_COLS: &str = "direct TPS | tidepool TPS | pgbouncer TPS | tidepool/direct | tidepool/pgbouncer | direct lat ms | tidepool lat ms | pgbouncer lat ms | tidepool CPU µs/txn | pgbouncer CPU µs/txn";
-const LATENCY_COLS: &str = "direct lat ms | tidepool lat ms | pgbouncer lat ms | added µs tidepool | added µs pgbouncer | direct TPS | tidepool TPS | pgbouncer TPS | tidepool CPU µs/txn | pgbouncer CPU µs/txn";
+/// tidepool twice: as deployed (reads to the replicas) and with every statement
+/// on the primary (`consistency = "strong"`), which does exactly PgBouncer's work.
+const TARGETS: [&str; 4] = ["direct", "tidepool", "tidepool→primary", "pgbouncer"];
+/// Index of PgBouncer in `TARGETS`.
+const BOUNCER: usize = 3;
+const TPS_COLS: &str = "direct TPS | tidepool TPS | tidepool→primary TPS | pgbouncer TPS | tidepool/pgbouncer | tidepool→primary/pgbouncer | direct lat ms | tidepool lat ms | tidepool→primary lat ms | pgbouncer lat ms | tidepool CPU µs/txn | tidepool→primary CPU µs/txn | pgbouncer CPU µs/txn";
+const LATENCY_COLS: &str = "direct lat ms | tidepool lat ms | tidepool→primary lat ms | pgbouncer lat ms | added µs tidepool | added µs tidepool→primary | added µs pgbouncer | tidepool CPU µs/txn | tidepool→primary CPU µs/txn | pgbouncer CPU µs/txn";
 const MODE_COLS: &str = "TPS | TPS vs eventual | lat ms | reads served by replicas | reads on primary | SELECTs run on replicas (per replica) | replay lag ms median / max";
 
 /// `(name, pgbench args)`. Throughput workloads first; the 1-client run must stay
@@ -106,14 +110,15 @@ impl Counted {
     }
 }
 
-/// Kills PgBouncer however `main` ends, so a failed run never leaks a daemon.
-struct Bouncer {
+/// A proxy in its own process (PgBouncer, `tidepool run`), killed however `main`
+/// ends, so a failed run never leaks a daemon.
+struct ChildProxy {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Bouncer {
+impl Drop for ChildProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -167,7 +172,7 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
 /// Starts PgBouncer in the foreground, transaction mode, SCRAM on both sides (1.18
 /// needs the plaintext password in auth_file to do SCRAM towards the server).
 /// It refuses to run as root, so as root it runs as `postgres` (or `nobody`).
-fn start_pgbouncer(primary_port: u16) -> Result<Bouncer, String> {
+fn start_pgbouncer(primary_port: u16) -> Result<ChildProxy, String> {
     let dir = tempfile::Builder::new().prefix("tp-bouncer-").tempdir();
     let dir = dir.map_err(|e| e.to_string())?;
     let (port, d) = (free_port(), dir.path().display());
@@ -204,21 +209,60 @@ fn start_pgbouncer(primary_port: u16) -> Result<Bouncer, String> {
     }
     let child = cmd.spawn();
     let child = child.map_err(|e| format!("spawning {PGBOUNCER}: {e}"))?;
-    let mut bouncer = Bouncer {
+    let bouncer = ChildProxy {
         child,
         port,
         _dir: dir,
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-        let exited = bouncer.child.try_wait().ok().flatten();
-        if exited.is_some() || Instant::now() > deadline {
-            let log = fs::read_to_string(&stderr_path).unwrap_or_default();
-            return Err(format!("pgbouncer did not come up ({exited:?}):\n{log}"));
+    bouncer.listening(&stderr_path)
+}
+
+impl ChildProxy {
+    /// Waits until the proxy accepts connections; its log tells why if it never does.
+    fn listening(mut self, log: &Path) -> Result<ChildProxy, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
+            let exited = self.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let log = fs::read_to_string(log).unwrap_or_default();
+                return Err(format!("did not come up ({exited:?}):\n{log}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        Ok(self)
     }
-    Ok(bouncer)
+}
+
+/// `tidepool run` on its own config file, as it is deployed, on `workers` threads.
+fn start_tidepool(cluster: &Cluster, workers: usize, extra: &str) -> Result<ChildProxy, String> {
+    let dir = tempfile::Builder::new().prefix("tp-proxy-").tempdir();
+    let dir = dir.map_err(|e| e.to_string())?;
+    let port = free_port();
+    let toml = tidepool::demo::config_toml(cluster, &format!("127.0.0.1:{port}"), extra).replacen(
+        "[listen]\n",
+        &format!("[listen]\nadmin = \"127.0.0.1:0\"\nworkers = {workers}\n"),
+        1,
+    );
+    let (config, log_path) = (
+        dir.path().join("tidepool.toml"),
+        dir.path().join("tidepool.log"),
+    );
+    fs::write(&config, toml).map_err(|e| e.to_string())?;
+    let log = fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("spawning tidepool: {e}"))?;
+    let proxy = ChildProxy {
+        child,
+        port,
+        _dir: dir,
+    };
+    proxy.listening(&log_path)
 }
 
 fn pgbench(port: u16, args: &[&str]) -> Command {
@@ -290,7 +334,7 @@ impl Bench {
     }
 
     /// `runs[workload][target]`: one outcome per round, rounds interleaved across targets.
-    fn measure(&mut self, ports: [Option<u16>; 3], pids: &[Option<String>; 3]) -> Runs {
+    fn measure(&mut self, ports: [Option<u16>; 4], pids: &[Option<String>; 4]) -> Runs {
         let rounds = self.rounds;
         let mut runs = vec![vec![Vec::new(); TARGETS.len()]; WORKLOADS.len()];
         for (w, &(workload, args)) in WORKLOADS.iter().enumerate() {
@@ -579,28 +623,44 @@ fn main() {
     let have_bouncer = ensure_pgbouncer();
     let mut bench = Bench {
         cluster: start_cluster(),
-        // The proxies run on this runtime's worker threads while we block on pgbench.
-        rt: Runtime::new().expect("tokio runtime"),
+        // The counted runs' tidepools run on this runtime's worker threads while we
+        // block on pgbench: as many as the `tidepool run` children get.
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(env_u64("TIDEPOOL_BENCH_WORKERS", 1) as usize)
+            .enable_all()
+            .build()
+            .expect("tokio runtime"),
         secs: env_u64("TIDEPOOL_BENCH_SECS", 20),
         rounds: env_u64("TIDEPOOL_BENCH_ROUNDS", 2),
         problems: String::new(),
     };
     let primary = bench.cluster.primary().port;
     let pool = format!("[pool]\nsize = {POOL_SIZE}\n");
-    let config = tidepool::demo::config(&bench.cluster, "127.0.0.1:0", &pool);
-    let proxy = bench.rt.block_on(Proxy::start(config));
+    let on_primary = format!("{pool}\n[routing]\nconsistency = \"strong\"\n");
     let mut skip = |what: &str, e: String| {
         eprintln!("{what} did not start, no column for it: {e}");
         bench.problems += &format!("- PROBLEM: {what} did not start: {e}\n");
     };
-    let proxy = proxy.map_err(|e| skip("tidepool", e.to_string())).ok();
-    let bouncer = have_bouncer.then(|| start_pgbouncer(primary));
-    let bouncer = bouncer.and_then(|b| b.map_err(|e| skip("PgBouncer", e)).ok());
-    let (proxy_port, bouncer_port) = (
-        proxy.as_ref().map(|p| p.addr().port()),
-        bouncer.as_ref().map(|b| b.port),
-    );
-    let ports = [Some(primary), proxy_port, bouncer_port];
+    let workers = bench.rt.metrics().num_workers();
+    let proxies = [
+        ("tidepool", start_tidepool(&bench.cluster, workers, &pool)),
+        (
+            "tidepool→primary",
+            start_tidepool(&bench.cluster, workers, &on_primary),
+        ),
+        (
+            "PgBouncer",
+            match have_bouncer {
+                true => start_pgbouncer(primary),
+                false => Err("not installed".into()),
+            },
+        ),
+    ];
+    let proxies = proxies.map(|(what, p)| p.map_err(|e| skip(what, e)).ok());
+    let ports = [Some(primary)]
+        .into_iter()
+        .chain(proxies.iter().map(|p| p.as_ref().map(|p| p.port)));
+    let ports: [Option<u16>; 4] = ports.collect::<Vec<_>>().try_into().expect("4 targets");
 
     // Warm-up, not recorded: fills replica caches and lets both proxies open their
     // server connections, which pgbench's "without initial connection time" misses.
@@ -610,20 +670,16 @@ fn main() {
         }
     }
 
-    let bouncer_pid = bouncer.as_ref().map(|b| b.child.id().to_string());
-    let proxy_pid = proxy.as_ref().map(|_| "self".to_owned());
-    let runs = bench.measure(ports, &[None, proxy_pid, bouncer_pid.clone()]);
-    // Before the counted runs' proxies run in this process too.
-    let rss = [peak_rss("self"), peak_rss(&bouncer_pid.unwrap_or_default())];
-    // Closing both pools ends their server backends, which flushes their statistics:
+    let pid = |p: &Option<ChildProxy>| p.as_ref().map(|p| p.child.id().to_string());
+    let pids = [None, pid(&proxies[0]), pid(&proxies[1]), pid(&proxies[2])];
+    let runs = bench.measure(ports, &pids);
+    let rss = [&pids[1], &pids[BOUNCER]].map(|pid| peak_rss(pid.as_deref().unwrap_or_default()));
+    // Closing the pools ends their server backends, which flushes their statistics:
     // the counted runs below need quiet pgbench_accounts scan counters.
-    drop(bouncer);
-    if let Some(proxy) = proxy {
-        bench.rt.block_on(proxy.shutdown());
-    }
+    drop(proxies);
     let mut md = tables(&runs);
-    let routing = proxy_port.map(|_| bench.routing_check().join("; "));
-    if proxy_port.is_some() {
+    let routing = ports[1].map(|_| bench.routing_check().join("; "));
+    if ports[1].is_some() {
         md += &bench.consistency();
     }
     md += &bench.notes(&runs, routing.as_deref(), &rss, have_bouncer);
@@ -645,6 +701,7 @@ impl Bench {
         bouncer: bool,
     ) -> String {
         let (secs, rounds, cpus) = (self.secs, self.rounds, first_line("nproc", &[]));
+        let workers = self.rt.metrics().num_workers();
         let pgbench_version = first_line("pgbench", &["--version"]);
         let bouncer_version = match bouncer {
             true => first_line(PGBOUNCER, &["--version"]),
@@ -655,12 +712,13 @@ impl Bench {
             .zip(runs)
             .filter(|((_, a), _)| a.contains("prepared"));
         let prepared_failed = prepared
-            .flat_map(|(_, by_target)| &by_target[2])
+            .flat_map(|(_, by_target)| &by_target[BOUNCER])
             .any(Result::is_err);
         let mut md = format!(
             "\nNotes:\n\
-             - Reads through tidepool go to the 2 replicas (the point of the product); direct and \
-             PgBouncer send everything to the primary. TPC-B-like transactions (BEGIN…END) go whole \
+             - Reads through tidepool go to the 2 replicas (the point of the product); direct, \
+             PgBouncer and tidepool→primary (a second tidepool, `consistency = \"strong\"`, the \
+             same work as PgBouncer's) send everything to the primary. TPC-B-like transactions (BEGIN…END) go whole \
              to the primary. Share of pgbench_accounts index scans per node (primary / replica 1 / \
              replica 2) in separate 3 s runs through a fresh tidepool: {}.\n\
              - Pool size {POOL_SIZE}: tidepool per node, PgBouncer per (user, db) on the primary. \
@@ -669,8 +727,10 @@ impl Bench {
              - Median of {rounds} interleaved round(s) of {secs} s per target, after an unrecorded \
              2 s select-only warm-up per target; TPS excludes initial connection time. \"fails \
              (f/n)\": f of n runs failed (pgbench's error is in the PROBLEM lines).\n\
-             - Peak RSS (VmHWM): tidepool {} (the whole bench process, which hosts the proxy \
-             in-process), PgBouncer {}. Proxy CPU µs/txn: user + system CPU time of \
+             - Both tidepools are `tidepool run` processes with `listen.workers = {workers}` \
+             (`TIDEPOOL_BENCH_WORKERS`), PgBouncer runs on its one thread. The counted runs \
+             below run tidepool in this process, on as many worker threads.\n\
+             - Peak RSS (VmHWM): tidepool {} (the `tidepool run` process), PgBouncer {}. Proxy CPU µs/txn: user + system CPU time of \
              the proxy process during the run / transactions.\n",
             routing.unwrap_or("n/a"),
             rss[0],
@@ -692,8 +752,8 @@ impl Bench {
              the replica had not replayed the session's floor yet. Replay lag: \
              pg_stat_replication.replay_lag, max over replicas, sampled every 0.5 s.\n\
              - {pgbench_version}; {bouncer_version}.\n\
-             - Command: `TIDEPOOL_BENCH_SECS={secs} TIDEPOOL_BENCH_ROUNDS={rounds} cargo bench \
-             --bench pgbench`; each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS \
+             - Command: `TIDEPOOL_BENCH_SECS={secs} TIDEPOOL_BENCH_ROUNDS={rounds} \
+             TIDEPOOL_BENCH_WORKERS={workers} cargo bench --bench pgbench`; each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS \
              postgres`, ARGS:\n"
         );
         for (name, args) in WORKLOADS {
@@ -722,22 +782,22 @@ fn tables(runs: &Runs) -> String {
     let mut md = String::from("## pgbench: direct vs tidepool vs PgBouncer\n\n");
     md += &header(&["workload", TPS_COLS].join(" | "));
     let last = WORKLOADS.len() - 1;
+    let proxies = 1..TARGETS.len();
     for (w, (name, _)) in WORKLOADS.iter().enumerate().take(last) {
         let mut cells = vec![name.to_string()];
-        cells.extend((0..3).map(|t| tps_cell(w, t)));
-        cells.extend([ratio(tps(w, 1), tps(w, 0)), ratio(tps(w, 1), tps(w, 2))]);
-        cells.extend((0..3).map(|t| cell(lat(w, t), 3)));
-        cells.extend((1..3).map(|t| cell(cpu(w, t), 0)));
+        cells.extend((0..TARGETS.len()).map(|t| tps_cell(w, t)));
+        cells.extend((1..BOUNCER).map(|t| ratio(tps(w, t), tps(w, BOUNCER))));
+        cells.extend((0..TARGETS.len()).map(|t| cell(lat(w, t), 3)));
+        cells.extend(proxies.clone().map(|t| cell(cpu(w, t), 0)));
         md += &row(&cells);
     }
     md += "\n";
     md += &header(&["1 client, select-only", LATENCY_COLS].join(" | "));
     let added = |t| lat(last, t).zip(lat(last, 0)).map(|(p, d)| (p - d) * 1e3);
     let mut cells = vec![WORKLOADS[last].0.to_owned()];
-    cells.extend((0..3).map(|t| cell(lat(last, t), 3)));
-    cells.extend([cell(added(1), 0), cell(added(2), 0)]);
-    cells.extend((0..3).map(|t| tps_cell(last, t)));
-    cells.extend((1..3).map(|t| cell(cpu(last, t), 0)));
+    cells.extend((0..TARGETS.len()).map(|t| cell(lat(last, t), 3)));
+    cells.extend(proxies.clone().map(|t| cell(added(t), 0)));
+    cells.extend(proxies.map(|t| cell(cpu(last, t), 0)));
     md += &row(&cells);
     md
 }
