@@ -127,13 +127,13 @@ async fn log_in(
     let startup_timeout = config.listen.startup_timeout;
     let opened = tokio::time::timeout(
         startup_timeout,
-        Box::pin(handshake::open(
+        handshake::open(
             tcp,
             shared.tls.as_ref(),
             &shared.cancels,
             config.listen.max_message_size,
             shared.metrics.client_errors(),
-        )),
+        ),
     )
     .await
     .map_err(|_| ClientError::StartupTimeout)??;
@@ -161,7 +161,7 @@ async fn log_in(
         tracing::Span::current().record("db", crate::admin::console::DATABASE);
         let login = tokio::time::timeout(
             startup_timeout,
-            Box::pin(handshake::authenticate(&mut client, &admin)),
+            handshake::authenticate(&mut client, &admin),
         )
         .await
         .map_err(|_| ClientError::StartupTimeout)
@@ -181,7 +181,7 @@ async fn log_in(
             .await?;
         client.flush().await?;
         // Boxed: the console's commands (a switchover through etcd) are large
-        // futures that application clients' tasks should not be sized for.
+        // futures that application clients' logins should not be sized for.
         return Box::pin(crate::admin::console::serve(
             shared.clone(),
             client,
@@ -190,25 +190,22 @@ async fn log_in(
         .await
         .map(|()| None);
     }
-    let login = tokio::time::timeout(
-        startup_timeout,
-        Box::pin(async {
-            let users = shared.users.load();
-            let (user, database) = handshake::find_user(&users, &startup)?;
-            let user = user.clone();
-            drop(users);
-            tracing::Span::current().record("user", user.name.as_str());
-            tracing::Span::current().record("db", database.as_str());
-            tracing::Span::current().record("pool_mode", config.pool.mode.as_str());
-            handshake::authenticate(&mut client, &user).await?;
-            let slot = user
-                .take_slot()
-                .ok_or_else(|| ClientError::TooManyForUser(user.name.clone()))?;
-            let wanted = session::startup_params(&startup.params);
-            let (params, kept) = server_parameters(shared, &user, &database, &wanted).await?;
-            Ok::<_, ClientError>((user, slot, database, params, wanted, kept))
-        }),
-    )
+    let login = tokio::time::timeout(startup_timeout, async {
+        let users = shared.users.load();
+        let (user, database) = handshake::find_user(&users, &startup)?;
+        let user = user.clone();
+        drop(users);
+        tracing::Span::current().record("user", user.name.as_str());
+        tracing::Span::current().record("db", database.as_str());
+        tracing::Span::current().record("pool_mode", config.pool.mode.as_str());
+        handshake::authenticate(&mut client, &user).await?;
+        let slot = user
+            .take_slot()
+            .ok_or_else(|| ClientError::TooManyForUser(user.name.clone()))?;
+        let wanted = session::startup_params(&startup.params);
+        let (params, kept) = server_parameters(shared, &user, &database, &wanted).await?;
+        Ok::<_, ClientError>((user, slot, database, params, wanted, kept))
+    })
     .await
     .map_err(|_| ClientError::StartupTimeout)
     .and_then(|r| r);
