@@ -230,3 +230,60 @@ pub fn find_user<'a>(
     let database = startup.get("database").unwrap_or(name).to_owned();
     Ok((user, database))
 }
+
+/// The notice PostgreSQL sends at startup when it cuts a name-typed setting
+/// (`application_name`) to `NAMEDATALEN - 1` bytes. The proxy applies the
+/// client's settings on server connections later, out of the client's
+/// sight, so it says it itself, where PostgreSQL would: after
+/// AuthenticationOk, before the ParameterStatus messages.
+pub fn truncation_notice(startup: &StartupMessage) -> Option<Frame> {
+    const NAME_MAX: usize = 63;
+    let name = startup.get("application_name")?;
+    if name.len() <= NAME_MAX {
+        return None;
+    }
+    let mut end = NAME_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(backend::notice(
+        "42622",
+        &format!(
+            "identifier \"{name}\" will be truncated to \"{}\"",
+            &name[..end]
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::ErrorFields;
+
+    fn startup(application_name: &str) -> StartupMessage {
+        StartupMessage {
+            minor_version: 0,
+            params: vec![
+                ("user".into(), "app".into()),
+                ("application_name".into(), application_name.into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_long_application_name_is_announced_cut_at_a_character() {
+        assert!(truncation_notice(&startup(&"x".repeat(63))).is_none());
+        let long = format!("{}é", "x".repeat(62));
+        let notice = truncation_notice(&startup(&long)).expect("64 bytes are cut");
+        let fields = ErrorFields::decode(&notice).unwrap();
+        assert_eq!(
+            (fields.severity.as_str(), fields.code.as_str()),
+            ("NOTICE", "42622")
+        );
+        let cut = "x".repeat(62);
+        assert_eq!(
+            fields.message,
+            format!("identifier \"{long}\" will be truncated to \"{cut}\"")
+        );
+    }
+}

@@ -213,6 +213,9 @@ async fn log_in(
         Ok(login) => login,
         Err(e) => return Err(refuse(client, e).await),
     };
+    if let Some(notice) = handshake::truncation_notice(&startup) {
+        client.send(&notice).await?;
+    }
     for (name, value) in &params {
         client.send(&backend::parameter_status(name, value)).await?;
     }

@@ -185,6 +185,11 @@ pub fn warning(code: &str, message: &str) -> Frame {
     fields_frame(NOTICE_RESPONSE, "WARNING", code, message)
 }
 
+/// A NOTICE NoticeResponse.
+pub fn notice(code: &str, message: &str) -> Frame {
+    fields_frame(NOTICE_RESPONSE, "NOTICE", code, message)
+}
+
 fn fields_frame(tag: u8, severity: &str, code: &str, message: &str) -> Frame {
     Frame::build(tag, |b| {
         for (kind, value) in [

@@ -228,9 +228,16 @@ impl Visitor for ReadOnlyGuard<'_> {
             // `SHOW tidepool.x` is answered by the proxy only as the sole
             // statement; the proxy cannot splice its answer into the
             // results of a longer text, so that text goes to the primary.
-            Statement::ShowVariable { variable } => variable
-                .first()
-                .is_none_or(|v| !v.value.eq_ignore_ascii_case("tidepool")),
+            // Settings that tell a primary from a standby are the primary's:
+            // through the proxy the database is writable, and drivers ask
+            // (tokio-postgres' and older libpq's `target_session_attrs =
+            // read-write` send `SHOW transaction_read_only` and refuse a
+            // server that answers `on`).
+            Statement::ShowVariable { variable } => variable.first().is_none_or(|v| {
+                !["tidepool", "transaction_read_only", "in_hot_standby"]
+                    .iter()
+                    .any(|name| v.value.eq_ignore_ascii_case(name))
+            }),
             _ => false,
         })
     }

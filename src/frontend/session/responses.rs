@@ -61,8 +61,15 @@ impl Session {
         match frame.tag() {
             // ParameterStatus goes through even for statements the proxy
             // inserted: after them the client's view matches the server's.
-            backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | b'A' => {
-                self.client.send(&frame).await?
+            backend::PARAMETER_STATUS | b'A' => self.client.send(&frame).await?,
+            // A notice belongs to the statement being answered: one the
+            // proxy inserted (a SET applying the client's settings on this
+            // connection, an LSN capture) is the proxy's business, and the
+            // client would hear it again on every connection it moves to.
+            backend::NOTICE_RESPONSE => {
+                if self.pending.head_visible() {
+                    self.client.send(&frame).await?
+                }
             }
             backend::DATA_ROW if self.pending.head_capture().is_some() => {
                 let capture = self.pending.head_capture().expect("checked");

@@ -291,11 +291,29 @@ pub fn pin_reason(sql: &str) -> Option<PinReason> {
             let temporary = temp(word(1))
                 || (matches!(word(1), "local" | "global") && temp(word(2)))
                 || (word(1) == "or" && word(2) == "replace" && temp(word(3)));
-            temporary.then_some(PinReason::TempObject)
+            (temporary || names_temp_schema(sql)).then_some(PinReason::TempObject)
         }
         _ => None,
     };
     reason.or_else(|| takes_session_advisory_lock(sql).then_some(PinReason::AdvisoryLock))
+}
+
+/// `CREATE TABLE pg_temp.t`, `CREATE TYPE pg_temp.mood`, `CREATE FUNCTION
+/// pg_temp.f()`: an object created in the session's temporary schema is as
+/// temporary as one made with `TEMP`, for every kind of object.
+fn names_temp_schema(sql: &str) -> bool {
+    use crate::route::fingerprint::{Lexer, TokenKind};
+    let mut tokens = Lexer::new(sql).filter(|t| t.kind != TokenKind::Comment);
+    let mut schema = false;
+    tokens.any(|t| {
+        let dot = schema && t.kind == TokenKind::Symbol && t.text == ".";
+        schema = match t.kind {
+            TokenKind::Word => t.text.eq_ignore_ascii_case("pg_temp"),
+            TokenKind::QuotedIdent => t.text == "\"pg_temp\"",
+            _ => false,
+        };
+        dot
+    })
 }
 
 fn contains_words(sql: &str, phrase: &str) -> bool {
@@ -481,6 +499,21 @@ mod tests {
             Some(PinReason::TempObject)
         );
         assert_eq!(pin_reason("create table t (x int)"), None);
+        for sql in [
+            "CREATE TYPE pg_temp.mood AS ENUM ('sad', 'ok')",
+            "create domain PG_TEMP.session_id as bytea",
+            "create table \"pg_temp\" . foo (id int)",
+            "create function pg_temp.f() returns int language sql as 'select 1'",
+        ] {
+            assert_eq!(pin_reason(sql), Some(PinReason::TempObject), "{sql}");
+        }
+        for sql in [
+            "create table pg_temporary.t (x int)",
+            "create table t (x text default 'pg_temp.x')",
+            "create table \"PG_TEMP\".t (x int)",
+        ] {
+            assert_eq!(pin_reason(sql), None, "{sql}");
+        }
         assert_eq!(
             pin_reason("declare c cursor with hold for select 1"),
             Some(PinReason::HoldCursor)

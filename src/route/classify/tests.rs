@@ -43,6 +43,9 @@ fn classification_table() {
         ),
         ("show work_mem", Read),
         ("show all", Read),
+        // What a standby answers differently: the primary's answer.
+        ("SHOW transaction_read_only", Write),
+        ("show IN_HOT_STANDBY", Write),
         ("explain select 1", Read),
         ("explain (costs off) select * from t", Read),
         ("values (1)", Read),
