@@ -25,6 +25,7 @@ fi
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 scripts/psycopg2-suite.sh    # psycopg2's own test suite, run through tidepool by tests/psycopg2_suite.rs
+scripts/tokio-postgres-suite.sh  # tokio-postgres' own tests, run through tidepool by tests/tokio_postgres_suite.rs
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast
 else
