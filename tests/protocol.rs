@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Harness, sqlstate};
+use common::{Harness, simple_value, sqlstate};
 use futures_util::{SinkExt, StreamExt, TryStreamExt, pin_mut};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,7 +109,45 @@ async fn cancel_reaches_the_right_query_only() {
     let token = c.cancel_token();
     c.simple_query("select 1").await.unwrap();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    // The driver returns once the request is written, before the proxy has
+    // read it: a query sent at once could be the one it meets, as with
+    // PostgreSQL itself. Let it arrive while the client is idle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     c.simple_query("select pg_sleep(0.3)").await.unwrap();
+}
+
+/// A statement still waiting for a server connection has reached no
+/// server: its cancel is answered by the proxy (57014), the wait ends, and
+/// the session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_ends_a_wait_for_a_server() {
+    let h = Harness::start("[pool]\nsize = 1\ncheckout_timeout = \"30s\"\n").await;
+    // Logged in first: a login takes a server connection for a moment too.
+    let waiter = h.connect().await;
+    let holder = h.connect().await;
+    holder
+        .batch_execute("begin; select pg_advisory_xact_lock(7)")
+        .await
+        .unwrap();
+    let token = waiter.cancel_token();
+    let started = Instant::now();
+    let waiting = tokio::spawn(async move {
+        let result = waiter
+            .simple_query("/* tidepool: primary */ select now()")
+            .await;
+        (waiter, result)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (waiter, result) = waiting.await.unwrap();
+    let err = result.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    holder.batch_execute("commit").await.unwrap();
+    assert_eq!(
+        simple_value(&waiter, "/* tidepool: primary */ select 41 + 1").await,
+        "42"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
 
 use crate::pool::ServerError;
 use crate::pool::stream::ServerStream;
@@ -56,6 +57,9 @@ struct Entry {
     /// When the client last got a server (PgBouncer's request_time).
     request_at: Option<SystemTime>,
     waiting_since: Option<Instant>,
+    /// Woken by a cancel while the client waits for a server connection:
+    /// its statement has reached no server, so the proxy cancels it itself.
+    waiter: Option<Arc<Notify>>,
 }
 
 /// One client as SHOW CLIENTS lists it.
@@ -117,6 +121,7 @@ impl CancelRegistry {
                 state: ClientState::Idle,
                 request_at: None,
                 waiting_since: None,
+                waiter: None,
             },
         );
         CancelHandle {
@@ -152,16 +157,20 @@ impl CancelRegistry {
             .collect()
     }
 
-    /// Forwards a client's CancelRequest to the server connection serving it.
+    /// Forwards a client's CancelRequest to the server connection serving it,
+    /// or, while it waits for one, wakes its session to cancel the wait.
     /// A wrong secret, an unknown key or an idle client: nothing happens, as
     /// with PostgreSQL.
     pub async fn cancel(&self, key: BackendKey) {
         let target = {
             let entries = self.entries.lock().expect("cancel lock");
-            entries
-                .get(&key.pid)
-                .filter(|e| e.secret == key.secret)
-                .and_then(|e| e.target)
+            let Some(entry) = entries.get(&key.pid).filter(|e| e.secret == key.secret) else {
+                return;
+            };
+            if let Some(waiter) = &entry.waiter {
+                waiter.notify_one();
+            }
+            entry.target
         };
         if let Some((addr, server_key)) = target {
             self.send_cancel(addr, server_key).await;
@@ -201,6 +210,7 @@ impl CancelHandle {
         self.update(|entry| {
             entry.target = target;
             entry.waiting_since = None;
+            entry.waiter = None;
             entry.state = match target {
                 Some(_) => {
                     entry.request_at = Some(SystemTime::now());
@@ -211,12 +221,16 @@ impl CancelHandle {
         });
     }
 
-    /// The client waits for a server connection.
-    pub fn set_waiting(&self) {
+    /// The client waits for a server connection; the returned `Notify` is
+    /// woken if it cancels meanwhile.
+    pub fn set_waiting(&self) -> Arc<Notify> {
+        let waiter = Arc::new(Notify::new());
         self.update(|entry| {
             entry.state = ClientState::Waiting;
             entry.waiting_since = Some(Instant::now());
+            entry.waiter = Some(waiter.clone());
         });
+        waiter
     }
 
     fn update(&self, change: impl FnOnce(&mut Entry)) {

@@ -34,6 +34,10 @@ pub enum ClientError {
     IdleInTransactionTimeout,
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// Session mode: the client's server connection ended with this FATAL
+    /// error, passed on as it is.
+    #[error("the server ended the session")]
+    ServerEnded(Frame),
 }
 
 impl From<super::client::ClientReadError> for ClientError {
@@ -58,6 +62,9 @@ pub enum RouteError {
     Checkout(#[from] CheckoutError),
     #[error("connection to server {0} was lost; the transaction was aborted")]
     ServerLost(String),
+    /// The client cancelled while its statement waited for a server.
+    #[error("canceling statement due to user request")]
+    Cancelled,
 }
 
 impl RouteError {
@@ -79,6 +86,7 @@ impl RouteError {
             RouteError::WritesRefused(_) => "25006",
             RouteError::Checkout(CheckoutError::Exhausted(_)) => "53300",
             RouteError::Checkout(_) | RouteError::ServerLost(_) => "08006",
+            RouteError::Cancelled => "57014",
         }
     }
 }
@@ -109,6 +117,7 @@ impl ClientError {
                 "terminating connection due to administrator command",
             ),
             ClientError::Route(e) => Some(e.to_frame(Severity::Fatal)),
+            ClientError::ServerEnded(said) => Some(said.clone()),
         }
     }
 }

@@ -40,16 +40,20 @@ impl Session {
                     Some(statement) => {
                         self.unit_writes |= ends_write(&statement.intent, self.client_status);
                         self.unit_copies |= statement.copies;
-                        self.prepare_on_server(&statement, None).await?;
-                        let renamed = bind.renamed(&statement.global);
-                        self.forward(&renamed, Kind::Bind).await?;
+                        if self.names_verbatim() {
+                            self.forward(&frame, Kind::Bind).await?;
+                        } else {
+                            self.prepare_on_server(&statement, None).await?;
+                            let renamed = bind.renamed(&statement.global);
+                            self.forward(&renamed, Kind::Bind).await?;
+                        }
                     }
                     None => self.forward(&frame, Kind::Bind).await?,
                 }
             }
             fe::DESCRIBE => {
                 let named = Named::decode(&frame)?;
-                let known = (named.target == Target::Statement)
+                let known = (named.target == Target::Statement && !self.names_verbatim())
                     .then(|| self.statements.get(named.name).cloned())
                     .flatten();
                 match known {
@@ -64,7 +68,10 @@ impl Session {
             }
             fe::CLOSE => {
                 let named = Named::decode(&frame)?;
-                if named.target == Target::Statement && !named.name.is_empty() {
+                if named.target == Target::Statement && self.names_verbatim() {
+                    self.statements.remove(named.name);
+                    self.forward(&frame, Kind::Close).await?;
+                } else if named.target == Target::Statement && !named.name.is_empty() {
                     // The server keeps its copy for whoever prepares it next;
                     // its statement cache evicts it when full.
                     self.statements.remove(named.name);
@@ -130,6 +137,17 @@ impl Session {
             }
             return self.forward(frame, Kind::Parse).await;
         }
+        if self.names_verbatim() {
+            // Kept for the intent of its Binds; PostgreSQL itself answers
+            // a name in use (42P05) and keeps the first statement.
+            if self.statements.get(parse.name).is_none() {
+                let intent = std::str::from_utf8(parse.query)
+                    .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
+                self.statements
+                    .insert(parse.name, Statement::new(&parse, intent));
+            }
+            return self.forward(frame, Kind::Parse).await;
+        }
         if self.statements.get(parse.name).is_some() {
             let message = format!(
                 "prepared statement \"{}\" already exists",
@@ -152,6 +170,15 @@ impl Session {
         self.statements.insert(parse.name, statement.clone());
         self.prepare_on_server(&statement, Some(parse.name.to_vec()))
             .await
+    }
+    /// In session mode the client has its server connection for life, so
+    /// its statement names go to the server as they are, as on a direct
+    /// connection: SQL `EXECUTE name` runs a statement prepared through the
+    /// protocol, and `pg_prepared_statements` shows the client's names.
+    /// (A client pinned in transaction mode keeps the global names its
+    /// statements already have on servers.)
+    fn names_verbatim(&self) -> bool {
+        self.mode() == PoolMode::Session
     }
     /// Session state changed through the extended protocol is not followed:
     /// such a client keeps its server connection.

@@ -74,8 +74,13 @@ struct Attached {
     /// the connection turns out dead (a replica killed, a stale pooled
     /// connection), it is replayed elsewhere and the client never knows.
     replay: Option<Replay>,
-    /// The server's last words (a FATAL error) before it closes the connection.
-    fatal: Option<String>,
+    /// The server's last words before it closes the connection: its FATAL
+    /// ErrorResponse, or the proxy's own when it gives the server up.
+    fatal: Option<Frame>,
+    /// A statement the proxy inserted (a SET applying the client's settings)
+    /// failed: the settings this connection has are unknown, so it is closed
+    /// rather than pooled when the unit ends.
+    settings_unknown: bool,
     /// Counts this unit of work among the proxy's running ones, which a
     /// switchover waits to drain.
     _busy: Busy,
@@ -279,6 +284,7 @@ impl Session {
                 status: TxStatus::Idle,
                 replay: None,
                 fatal: None,
+                settings_unknown: false,
                 _busy: Busy::new(&shared),
             })
         });
@@ -507,7 +513,11 @@ impl Session {
             Timeout::Query => {
                 if let Some(server) = &mut self.server {
                     tracing::warn!(addr = %server.conn.addr, "query_timeout: no answer to the cancel either; giving the server up");
-                    server.fatal = Some("no answer within query_timeout, even to a cancel".into());
+                    server.fatal = Some(backend::error_response(
+                        Severity::Fatal,
+                        "08006",
+                        "no answer within query_timeout, even to a cancel",
+                    ));
                 }
                 self.on_server_lost().await
             }
@@ -531,6 +541,20 @@ impl Session {
     }
     fn mode(&self) -> PoolMode {
         self.pool_mode
+    }
+    /// An extended batch without its Sync is open on a replica, outside
+    /// any transaction block, with every reply in.
+    fn ends_read_batch(&self) -> bool {
+        self.unsynced
+            && self.pending.is_empty()
+            && self.pinned.is_none()
+            && self.client_status == TxStatus::Idle
+            && self.held_begin.is_none()
+            && self.mode() == PoolMode::Transaction
+            && self
+                .server
+                .as_ref()
+                .is_some_and(|s| s.role == Role::Replica)
     }
     fn is_between_transactions(&self) -> bool {
         self.pending.is_empty()
@@ -605,6 +629,18 @@ impl Session {
         Ok(true)
     }
     async fn on_query(&mut self, frame: Frame) -> Result<(), ClientError> {
+        if self.ends_read_batch() {
+            // Extended messages (Parse/Describe/Flush, as asyncpg sends to
+            // learn a table's columns before a COPY) left a read open on a
+            // replica, and a simple query follows without a Sync. PostgreSQL
+            // would end that batch's implicit transaction at the query; the
+            // proxy ends it with a Sync of its own, so that the query is
+            // routed by what it is, not run on the replica.
+            let sync = fe::sync();
+            self.send_to_server(&sync).await?;
+            self.pending.push(Kind::Sync, false);
+            self.unsynced = false;
+        }
         if !self.pending.is_empty() {
             // Let the server finish the previous unit of work: where this one
             // runs depends on the transaction state that work leaves.
@@ -622,7 +658,8 @@ impl Session {
             }
             match state::param_change(sql) {
                 Ok(Some(ParamChange::Deallocate { name }))
-                    if self.statements.get(name.as_bytes()).is_some() =>
+                    if self.mode() == PoolMode::Transaction
+                        && self.statements.get(name.as_bytes()).is_some() =>
                 {
                     // A protocol-level statement: it lives in the proxy.
                     self.statements.remove(name.as_bytes());
@@ -721,6 +758,10 @@ impl Session {
         if done && self.mode() == PoolMode::Transaction {
             self.cancel.set_target(None);
             if let Some(mut server) = self.server.take() {
+                if server.settings_unknown {
+                    discard(server.conn);
+                    return;
+                }
                 server.conn.clean = true;
                 if let Some(started) = self.unit_started.take() {
                     let took = started.elapsed();

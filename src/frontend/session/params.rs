@@ -81,7 +81,8 @@ impl Session {
                 }
                 self.statements = Statements::default();
             }
-            ParamChange::Deallocate { .. } => {}
+            // Session mode: a protocol-level statement deallocated by SQL.
+            ParamChange::Deallocate { name } => self.statements.remove(name.as_bytes()),
         }
     }
 }

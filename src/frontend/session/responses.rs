@@ -54,6 +54,12 @@ impl Session {
                 return Ok(());
             };
             self.on_server_message(frame).await?;
+            // A batch the client ended with Flush, not Sync (asyncpg
+            // prepares that way) gets no ReadyForQuery: its stale read is
+            // redone once the last of its hidden replies is in.
+            if self.stale_read.is_some() && self.pending.is_empty() && self.unsynced {
+                self.redo_stale_read().await?;
+            }
         }
     }
     pub(super) async fn on_server_message(&mut self, frame: Frame) -> Result<(), ClientError> {
@@ -79,14 +85,11 @@ impl Session {
                 }
             }
             backend::ERROR_RESPONSE if is_fatal(&frame) => {
-                // The server is closing this connection, not the client's
-                // session: the client hears about it from `on_server_lost`,
-                // as an error it can carry on after.
-                let message = ErrorFields::decode(&frame)
-                    .map(|f| f.message)
-                    .unwrap_or_default();
+                // The server is closing this connection, not (in transaction
+                // mode) the client's session: the client hears about it from
+                // `on_server_lost`, as an error it can carry on after.
                 if let Some(server) = &mut self.server {
-                    server.fatal = Some(message);
+                    server.fatal = Some(frame);
                 }
             }
             backend::ERROR_RESPONSE => {
@@ -94,8 +97,12 @@ impl Session {
                     self.param_change = None;
                 }
                 let (visible, undone) = self.pending.on_error();
+                // A read found stale is redone from its first message: what
+                // it failed with on the stale replica (a table not there
+                // yet) is not the client's.
+                let visible = visible && self.stale_read.is_none();
                 self.undo_parses(undone);
-                if self.pending.is_empty() && self.unsynced {
+                if self.pending.is_empty() && self.unsynced && self.stale_read.is_none() {
                     // The error answers an extended message whose Sync the
                     // client has not sent yet: the server ignores everything
                     // up to that Sync, so the proxy must not expect answers
@@ -104,6 +111,18 @@ impl Session {
                     self.skip_to_sync = true;
                 }
                 let fields = ErrorFields::decode(&frame).ok();
+                if !visible && let Some(server) = &mut self.server {
+                    server.settings_unknown = true;
+                    // The client's cancel met a statement the proxy put in
+                    // front of the client's own, which the server runs next:
+                    // that one is what the client wants cancelled.
+                    let cancel_missed =
+                        !self.query_cancelled && fields.as_ref().is_some_and(|f| f.code == "57014");
+                    if cancel_missed {
+                        let (addr, key) = (server.conn.addr, server.conn.key);
+                        self.shared.cancels.send_cancel(addr, key).await;
+                    }
+                }
                 if let Some(fields) = &fields
                     && fields.code == "25006"
                     && self
@@ -252,7 +271,9 @@ impl Session {
         } else {
             self.force_primary = Some(Fallback::RywTimeout);
         }
-        if server.status == TxStatus::Idle && answered {
+        // Mid-batch (no Sync yet) the connection is not between
+        // transactions, whatever its last ReadyForQuery said.
+        if server.status == TxStatus::Idle && answered && !self.unsynced {
             server.conn.clean = true;
             drop(server);
         } else {
@@ -284,19 +305,20 @@ impl Session {
         }
     }
     pub(super) async fn on_server_lost(&mut self) -> Result<(), ClientError> {
-        let Some(server) = self.server.take() else {
+        let Some(mut server) = self.server.take() else {
             return Ok(());
         };
         self.cancel.set_target(None);
+        let fatal = server.fatal.take();
         let node = server.conn.node;
         let topology = self.shared.topology.load();
         let demoted = topology.lost_its_epoch(server.conn.node, server.role);
-        let why = match (&server.fatal, demoted) {
+        let why = match (&fatal, demoted) {
             (_, true) => Some(format!(
                 "it is no longer the primary: topology epoch {} has another",
                 topology.epoch
             )),
-            (Some(said), false) => Some(said.clone()),
+            (Some(said), false) => ErrorFields::decode(said).ok().map(|f| f.message),
             (None, false) => None,
         };
         drop(topology);
@@ -324,7 +346,13 @@ impl Session {
             return self.replay(replay).await;
         }
         if self.mode() == PoolMode::Session {
-            return Err(lost.into());
+            // The client's backend, and with it its session, is gone: it
+            // hears the server's own last words, as on a direct connection
+            // (57P01 for a terminated backend), and is closed.
+            return Err(match fatal {
+                Some(said) if !demoted => ClientError::ServerEnded(said),
+                _ => lost.into(),
+            });
         }
         let awaiting = !self.pending.is_empty();
         self.pending.clear();

@@ -15,15 +15,18 @@ impl Session {
         let Some(role) = self.server.as_ref().map(|s| s.role) else {
             return Ok(());
         };
-        if copies {
-            self.capture_when_ready = Some(wrote);
-            return Ok(());
-        }
         let capture = match role {
             Role::Primary if wrote => Capture::CommitLsn,
             Role::Replica if self.consistency.tracks_reads() => Capture::Observed,
             _ => return Ok(()),
         };
+        // Only a capture that will be made may hold the client's
+        // ReadyForQuery (a COPY FROM sent to a replica fails, and captures
+        // nothing).
+        if copies {
+            self.capture_when_ready = Some(wrote);
+            return Ok(());
+        }
         let sql = match capture {
             Capture::CommitLsn => "select pg_current_wal_lsn()",
             _ => "select pg_last_wal_replay_lsn()",
@@ -184,8 +187,14 @@ impl Session {
             let (checkout, waited) = match futures_util::FutureExt::now_or_never(&mut checkout) {
                 Some(done) => done,
                 None => {
-                    self.cancel.set_waiting();
-                    checkout.await
+                    let cancelled = self.cancel.set_waiting();
+                    tokio::select! {
+                        done = &mut checkout => done,
+                        _ = cancelled.notified() => {
+                            self.cancel.set_target(None);
+                            return Err(RouteError::Cancelled);
+                        }
+                    }
                 }
             };
             self.stats.waited(waited);
@@ -199,6 +208,7 @@ impl Session {
                         status: TxStatus::Idle,
                         replay: None,
                         fatal: None,
+                        settings_unknown: false,
                         _busy: Busy::new(&self.shared),
                     }));
                     return Ok(());
