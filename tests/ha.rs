@@ -138,10 +138,21 @@ async fn failover_after_kill_loses_no_acknowledged_write_and_fences_the_old_prim
     );
 
     // The old primary comes back, out of recovery: fenced, it gets nothing.
+    // Fencing terminates the node's client backends when it comes back,
+    // this check's own connection included if it is there then: ask again.
     let old_max = |h: &Harness| {
-        h.cluster
-            .psql(0, "select coalesce(max(seq), 0) from acked")
-            .unwrap()
+        let mut tries = 0;
+        loop {
+            match h.cluster.psql(0, "select coalesce(max(seq), 0) from acked") {
+                Ok(max) => return max,
+                Err(e) if tries < 10 => {
+                    tries += 1;
+                    eprintln!("asking the old primary again: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     };
     tokio::task::block_in_place(|| h.cluster.start_node(0)).unwrap();
     let before = tokio::task::block_in_place(|| old_max(&h));

@@ -3,11 +3,15 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::raw::{self, RawClient};
 use common::{Harness, simple_value, sqlstate};
 use futures_util::{SinkExt, StreamExt, TryStreamExt, pin_mut};
+use tidepool::protocol::backend;
+use tidepool::protocol::frontend as fe;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_in_and_out() {
@@ -148,6 +152,49 @@ async fn cancel_ends_a_wait_for_a_server() {
         simple_value(&waiter, "/* tidepool: primary */ select 41 + 1").await,
         "42"
     );
+}
+
+/// PostgreSQL keeps the unnamed statement past Sync, until the next unnamed
+/// Parse or simple query (asyncpg with `statement_cache_size=0` relies on
+/// it): a Bind of it in a later transaction, which round-robin sends to the
+/// other replica, finds it there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unnamed_statement_outlives_its_transaction() {
+    // md5: the raw client speaks no SCRAM.
+    let h = Harness::start_with("", |c| c.users[0].allow_md5 = true).await;
+    let mut raw = RawClient::connect(h.port()).await;
+    raw.send(&[
+        raw::parse("", "select inet_server_port()::text"),
+        fe::sync(),
+    ])
+    .await;
+    assert_eq!(raw.until_ready().await, ("1Z".to_string(), None));
+    let mut ports = HashSet::new();
+    for _ in 0..2 {
+        raw.send(&[raw::bind(""), raw::execute(), fe::sync()]).await;
+        let mut tags = String::new();
+        loop {
+            let f = raw.read().await;
+            tags.push(f.tag() as char);
+            if f.tag() == backend::DATA_ROW {
+                ports.insert(String::from_utf8_lossy(&f.body()[6..]).into_owned());
+            }
+            if f.tag() == backend::ERROR_RESPONSE {
+                panic!("{:?}", backend::ErrorFields::decode(&f).unwrap());
+            }
+            if f.tag() == backend::READY_FOR_QUERY {
+                break;
+            }
+        }
+        assert_eq!(tags, "2DCZ");
+    }
+    let replicas: HashSet<String> = h.replica_ports().iter().map(u16::to_string).collect();
+    assert_eq!(ports, replicas, "one Bind on each replica");
+    // A simple query destroys it, as in PostgreSQL.
+    raw.send(&[fe::query("select 1")]).await;
+    raw.until_ready().await;
+    raw.send(&[raw::bind(""), raw::execute(), fe::sync()]).await;
+    assert_eq!(raw.until_ready().await.1.as_deref(), Some("26000"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,6 +19,9 @@ impl Session {
                     let named = Named::decode(&frame)?;
                     if named.target == Target::Statement {
                         self.statements.remove(named.name);
+                        if named.name.is_empty() {
+                            self.unnamed = None;
+                        }
                     }
                     self.client.send(&backend::close_complete()).await?;
                     self.unsynced = true;
@@ -48,7 +51,12 @@ impl Session {
                             self.forward(&renamed, Kind::Bind).await?;
                         }
                     }
-                    None => self.forward(&frame, Kind::Bind).await?,
+                    None => {
+                        if bind.statement.is_empty() {
+                            self.prepare_unnamed().await?;
+                        }
+                        self.forward(&frame, Kind::Bind).await?
+                    }
                 }
             }
             fe::DESCRIBE => {
@@ -63,11 +71,19 @@ impl Session {
                             Named::encode(fe::DESCRIBE, Target::Statement, &statement.global);
                         self.forward(&renamed, Kind::Describe).await?;
                     }
-                    None => self.forward(&frame, Kind::Describe).await?,
+                    None => {
+                        if named.target == Target::Statement && named.name.is_empty() {
+                            self.prepare_unnamed().await?;
+                        }
+                        self.forward(&frame, Kind::Describe).await?
+                    }
                 }
             }
             fe::CLOSE => {
                 let named = Named::decode(&frame)?;
+                if named.target == Target::Statement && named.name.is_empty() {
+                    self.unnamed = None;
+                }
                 if named.target == Target::Statement && self.names_verbatim() {
                     self.statements.remove(named.name);
                     self.forward(&frame, Kind::Close).await?;
@@ -106,16 +122,18 @@ impl Session {
             }
             fe::BIND => {
                 let bind = Bind::decode(frame)?;
-                self.statements
-                    .get(bind.statement)
-                    .map_or(Intent::Write, |s| s.intent.clone())
+                match self.statements.get(bind.statement) {
+                    Some(statement) => statement.intent.clone(),
+                    None => self.unnamed_intent(bind.statement),
+                }
             }
             fe::DESCRIBE => {
                 let named = Named::decode(frame)?;
-                self.statements
-                    .get(named.name)
-                    .filter(|_| named.target == Target::Statement)
-                    .map_or(Intent::Write, |s| s.intent.clone())
+                match self.statements.get(named.name) {
+                    Some(s) if named.target == Target::Statement => s.intent.clone(),
+                    _ if named.target == Target::Statement => self.unnamed_intent(named.name),
+                    _ => Intent::Write,
+                }
             }
             _ => Intent::Write,
         })
@@ -123,19 +141,27 @@ impl Session {
     pub(super) async fn forward_parse(&mut self, frame: &Frame) -> Result<(), ClientError> {
         let parse = Parse::decode(frame)?;
         if parse.name.is_empty() {
-            match std::str::from_utf8(parse.query) {
+            let intent = match std::str::from_utf8(parse.query) {
                 Ok(sql) => {
                     self.pin_if_needed_extended(sql);
-                    self.unit_writes |=
-                        ends_write(&self.shared.classifier.classify(sql), self.client_status);
+                    let intent = self.shared.classifier.classify(sql);
+                    self.unit_writes |= ends_write(&intent, self.client_status);
                     self.unit_copies |= state::starts_copy(sql);
+                    intent
                 }
                 Err(_) => {
                     self.unit_writes = true;
                     self.unit_copies = true;
+                    Intent::Write
                 }
-            }
-            return self.forward(frame, Kind::Parse).await;
+            };
+            self.unnamed = Some(Unnamed {
+                parse: frame.clone(),
+                intent,
+            });
+            self.forward(frame, Kind::Parse).await?;
+            self.server.as_mut().expect("attached").unnamed_ready = true;
+            return Ok(());
         }
         if self.names_verbatim() {
             // Kept for the intent of its Binds; PostgreSQL itself answers
@@ -170,6 +196,30 @@ impl Session {
         self.statements.insert(parse.name, statement.clone());
         self.prepare_on_server(&statement, Some(parse.name.to_vec()))
             .await
+    }
+    /// Where a Bind or Describe of statement `name` goes when it is no named
+    /// statement the proxy knows: the unnamed statement's route.
+    fn unnamed_intent(&self, name: &[u8]) -> Intent {
+        match &self.unnamed {
+            Some(unnamed) if name.is_empty() => unnamed.intent.clone(),
+            _ => Intent::Write,
+        }
+    }
+    /// Puts the client's unnamed statement on the attached server if it is
+    /// not there (a new transaction on another connection, or a simple
+    /// query since), hidden from the client, as named ones are.
+    async fn prepare_unnamed(&mut self) -> Result<(), ClientError> {
+        let server = self.server.as_mut().expect("attached");
+        if server.unnamed_ready {
+            return Ok(());
+        }
+        let Some(unnamed) = &self.unnamed else {
+            return Ok(());
+        };
+        send_quietly(server, &unnamed.parse).await;
+        server.unnamed_ready = true;
+        self.pending.push(Kind::Parse, false);
+        Ok(())
     }
     /// In session mode the client has its server connection for life, so
     /// its statement names go to the server as they are, as on a direct

@@ -81,6 +81,9 @@ struct Attached {
     /// failed: the settings this connection has are unknown, so it is closed
     /// rather than pooled when the unit ends.
     settings_unknown: bool,
+    /// The client's unnamed statement is on this connection (a simple
+    /// query, the client's or the proxy's, destroys it).
+    unnamed_ready: bool,
     /// Counts this unit of work among the proxy's running ones, which a
     /// switchover waits to drain.
     _busy: Busy,
@@ -156,6 +159,11 @@ enum Flow {
     End,
 }
 
+struct Unnamed {
+    parse: Frame,
+    intent: Intent,
+}
+
 struct Replay {
     frames: Vec<Frame>,
     bytes: usize,
@@ -189,6 +197,10 @@ pub struct Session {
     route: SessionRoute,
     held_begin: Option<HeldBegin>,
     statements: Statements,
+    /// The client's last unnamed Parse: PostgreSQL keeps the unnamed
+    /// statement past Sync until the next unnamed Parse or simple query, so
+    /// a Bind of it may come in a later transaction, on another server.
+    unnamed: Option<Unnamed>,
     /// After an error the proxy raised mid-batch, client messages are
     /// dropped until Sync, as PostgreSQL does.
     skip_to_sync: bool,
@@ -285,6 +297,7 @@ impl Session {
                 replay: None,
                 fatal: None,
                 settings_unknown: false,
+                unnamed_ready: false,
                 _busy: Busy::new(&shared),
             })
         });
@@ -302,6 +315,7 @@ impl Session {
             route: SessionRoute::Auto,
             held_begin: None,
             statements: Statements::default(),
+            unnamed: None,
             skip_to_sync: false,
             waiting: None,
             lost: None,
@@ -714,12 +728,17 @@ impl Session {
             }
         }
         let ends_writes = ends_write(&intent, self.client_status);
+        self.unnamed = None;
         self.forward(&frame, Kind::Query).await?;
         self.capture_after_unit(ends_writes, sql.is_none_or(state::starts_copy))
             .await
     }
     async fn send_to_server(&mut self, frame: &Frame) -> Result<(), ClientError> {
-        send_quietly(self.server.as_mut().expect("attached"), frame).await;
+        let server = self.server.as_mut().expect("attached");
+        if frame.tag() == fe::QUERY {
+            server.unnamed_ready = false;
+        }
+        send_quietly(server, frame).await;
         Ok(())
     }
     async fn forward(&mut self, frame: &Frame, kind: Kind) -> Result<(), ClientError> {

@@ -209,6 +209,7 @@ impl Session {
                         replay: None,
                         fatal: None,
                         settings_unknown: false,
+                        unnamed_ready: false,
                         _busy: Busy::new(&self.shared),
                     }));
                     return Ok(());
