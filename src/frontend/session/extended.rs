@@ -155,10 +155,10 @@ impl Session {
                     Intent::Write
                 }
             };
-            self.unnamed = Some(Unnamed {
-                parse: frame.clone(),
-                intent,
-            });
+            // A copy: the frame shares the client's read buffer, which an
+            // idle client must not hold on to.
+            let parse = Frame::build(fe::PARSE, |b| b.extend_from_slice(frame.body()));
+            self.unnamed = Some(Unnamed { parse, intent });
             self.forward(frame, Kind::Parse).await?;
             self.server.as_mut().expect("attached").unnamed_ready = true;
             return Ok(());
