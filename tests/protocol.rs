@@ -10,7 +10,6 @@ use bytes::Bytes;
 use common::raw::{self, RawClient};
 use common::{Harness, simple_value, sqlstate};
 use futures_util::{SinkExt, StreamExt, TryStreamExt, pin_mut};
-use tidepool::protocol::backend;
 use tidepool::protocol::frontend as fe;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -172,21 +171,10 @@ async fn the_unnamed_statement_outlives_its_transaction() {
     let mut ports = HashSet::new();
     for _ in 0..2 {
         raw.send(&[raw::bind(""), raw::execute(), fe::sync()]).await;
-        let mut tags = String::new();
-        loop {
-            let f = raw.read().await;
-            tags.push(f.tag() as char);
-            if f.tag() == backend::DATA_ROW {
-                ports.insert(String::from_utf8_lossy(&f.body()[6..]).into_owned());
-            }
-            if f.tag() == backend::ERROR_RESPONSE {
-                panic!("{:?}", backend::ErrorFields::decode(&f).unwrap());
-            }
-            if f.tag() == backend::READY_FOR_QUERY {
-                break;
-            }
-        }
-        assert_eq!(tags, "2DCZ");
+        let frames = raw.frames_until_ready().await;
+        let tags: String = frames.iter().map(|f| f.tag() as char).collect();
+        assert_eq!(tags, "2DCZ", "{frames:?}");
+        ports.insert(String::from_utf8_lossy(&frames[1].body()[6..]).into_owned());
     }
     let replicas: HashSet<String> = h.replica_ports().iter().map(u16::to_string).collect();
     assert_eq!(ports, replicas, "one Bind on each replica");

@@ -302,29 +302,17 @@ fn suite_dir() -> PathBuf {
 /// Runs scripts/psycopg2-suite.sh (a fraction of a second once it has run)
 /// and writes the runner.
 fn prepare_suite() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("scripts/psycopg2-suite.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .current_dir(root)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed: the psycopg2 suite needs a venv with psycopg2-binary and the \
-         psycopg2 sdist from PyPI under target/psycopg2-suite/. Run the script by \
-         hand to see why.\n{}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::run_repo_script(
+        "psycopg2-suite.sh",
+        "the psycopg2 suite needs a venv with psycopg2-binary and the psycopg2 \
+         sdist from PyPI under target/psycopg2-suite/",
     );
     let dir = suite_dir();
     for needed in ["venv/bin/python", "src/tests/__init__.py"] {
         assert!(
             dir.join(needed).exists(),
-            "{} is missing after {}",
+            "{} is missing after scripts/psycopg2-suite.sh",
             dir.join(needed).display(),
-            script.display()
         );
     }
     // Several tests write it at once: write aside, then rename.

@@ -82,20 +82,9 @@ async fn prepare(pool: &str) -> (PathBuf, Harness) {
 }
 
 fn build_suite() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("scripts/tokio-postgres-suite.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .current_dir(root)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{} failed (it copies tokio-postgres' sources from cargo's registry and \
-         builds its tests; run it by hand to see why):\n{stdout}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = common::run_repo_script(
+        "tokio-postgres-suite.sh",
+        "it copies tokio-postgres' sources from cargo's registry and builds its tests",
     );
     let binary = stdout
         .lines()

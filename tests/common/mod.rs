@@ -223,3 +223,24 @@ pub async fn wait_for(
     }
     started.elapsed()
 }
+
+/// Runs `scripts/NAME` from the repository root (the preparation of a
+/// driver's own test suite) and returns what it printed; `what_it_needs`
+/// tells whoever sees it fail where to look.
+pub fn run_repo_script(name: &str, what_it_needs: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("scripts").join(name);
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .current_dir(root)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} failed: {what_it_needs}. Run it by hand to see why.\n{stdout}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -70,20 +70,28 @@ impl RawClient {
         }
     }
 
-    /// Tags of every message up to and including ReadyForQuery, plus any SQLSTATE.
-    pub async fn until_ready(&mut self) -> (String, Option<String>) {
-        let mut tags = String::new();
-        let mut code = None;
+    /// Every message up to and including ReadyForQuery.
+    pub async fn frames_until_ready(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
         loop {
             let f = self.read().await;
-            tags.push(f.tag() as char);
-            if f.tag() == backend::ERROR_RESPONSE {
-                code = Some(backend::ErrorFields::decode(&f).unwrap().code);
-            }
-            if f.tag() == backend::READY_FOR_QUERY {
-                return (tags, code);
+            let ready = f.tag() == backend::READY_FOR_QUERY;
+            frames.push(f);
+            if ready {
+                return frames;
             }
         }
+    }
+
+    /// Tags of every message up to and including ReadyForQuery, plus any SQLSTATE.
+    pub async fn until_ready(&mut self) -> (String, Option<String>) {
+        let frames = self.frames_until_ready().await;
+        let tags = frames.iter().map(|f| f.tag() as char).collect();
+        let code = frames
+            .iter()
+            .rfind(|f| f.tag() == backend::ERROR_RESPONSE)
+            .map(|f| backend::ErrorFields::decode(f).unwrap().code);
+        (tags, code)
     }
 }
 

@@ -89,6 +89,24 @@ struct Attached {
     _busy: Busy,
 }
 
+impl Attached {
+    /// A connection just taken for this client: not clean until its unit of
+    /// work is over.
+    fn new(mut conn: Checkout, role: Role, shared: &Shared) -> Box<Attached> {
+        conn.clean = false;
+        Box::new(Attached {
+            conn,
+            role,
+            status: TxStatus::Idle,
+            replay: None,
+            fatal: None,
+            settings_unknown: false,
+            unnamed_ready: false,
+            _busy: Busy::new(shared),
+        })
+    }
+}
+
 /// One running unit of work in `Shared::busy`, for as long as it lives.
 struct Busy(Arc<std::sync::atomic::AtomicU64>);
 
@@ -288,19 +306,7 @@ impl Session {
         let limits = SessionLimits::from_config(&shared.config.load());
         let mut client = client;
         client.count_into(stats.clone());
-        let server = attached.map(|mut conn| {
-            conn.clean = false;
-            Box::new(Attached {
-                conn,
-                role: Role::Primary,
-                status: TxStatus::Idle,
-                replay: None,
-                fatal: None,
-                settings_unknown: false,
-                unnamed_ready: false,
-                _busy: Busy::new(&shared),
-            })
-        });
+        let server = attached.map(|conn| Attached::new(conn, Role::Primary, &shared));
         Session {
             shared,
             client,

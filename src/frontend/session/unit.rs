@@ -199,19 +199,9 @@ impl Session {
             };
             self.stats.waited(waited);
             match checkout {
-                Ok(mut conn) => {
-                    conn.clean = false;
+                Ok(conn) => {
                     self.cancel.set_target(Some((conn.addr, conn.key)));
-                    self.server = Some(Box::new(Attached {
-                        conn,
-                        role,
-                        status: TxStatus::Idle,
-                        replay: None,
-                        fatal: None,
-                        settings_unknown: false,
-                        unnamed_ready: false,
-                        _busy: Busy::new(&self.shared),
-                    }));
+                    self.server = Some(Attached::new(conn, role, &self.shared));
                     return Ok(());
                 }
                 Err(
