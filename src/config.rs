@@ -93,7 +93,9 @@ pub struct ListenConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Threads serving clients (tokio workers); 0: one per CPU core. Where
-    /// PostgreSQL shares the machine's few cores, fewer leave it more.
+    /// PostgreSQL shares the machine's few cores, fewer leave it more. With
+    /// 1, tokio's single-thread scheduler runs everything on the main
+    /// thread, without the multi-thread one's cross-thread bookkeeping.
     pub workers: usize,
 }
 

@@ -96,8 +96,12 @@ fn main() -> ExitCode {
         Command::Run { config } => Config::load(config).map_or(0, |c| c.listen.workers),
         _ => 0,
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    let mut runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         runtime.worker_threads(workers);
     }
     let runtime = runtime.enable_all().build().expect("tokio runtime");

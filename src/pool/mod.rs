@@ -1,5 +1,6 @@
 //! Server connections and their pools, one pool per (node, user, database).
 pub mod listing;
+pub mod lsn_query;
 pub mod manager;
 pub mod registry;
 pub mod server;

@@ -10,6 +10,7 @@ use postgres_protocol::authentication::sasl::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::lsn_query::{LsnQuery, REPLAY_LSN};
 use super::stream::ServerStream;
 use crate::config::{Secret, ServerSslMode};
 use crate::protocol::backend::{
@@ -92,6 +93,14 @@ pub struct Login {
     pub user: String,
     pub password: Secret,
     pub database: String,
+}
+
+/// Whether a statement was already on the connection, or its Parse (and
+/// the Close of the statement it evicted) went out just now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prepared {
+    Held,
+    Now { closed: bool },
 }
 
 pub struct ServerConnection {
@@ -279,11 +288,51 @@ impl ServerConnection {
         .map_err(|_| ServerError::Timeout)?
     }
 
+    /// Queues the Parse of a statement this connection lacks, first closing
+    /// the least recently used one when the cache is full. Returns the name
+    /// closed, whose CloseComplete the caller must expect.
+    pub async fn queue_prepare(
+        &mut self,
+        name: &[u8],
+        parse: &Frame,
+    ) -> Result<Option<Vec<u8>>, ServerError> {
+        let mut closed = None;
+        if self.prepared.len() == self.prepared.cap().get()
+            && let Some((evicted, ())) = self.prepared.pop_lru()
+        {
+            let close =
+                frontend::Named::encode(frontend::CLOSE, frontend::Target::Statement, &evicted);
+            self.queue(&close).await?;
+            closed = Some(evicted);
+        }
+        self.queue(parse).await?;
+        self.prepared.put(name.to_vec(), ());
+        Ok(closed)
+    }
+
+    /// Queues `query` (Bind, Execute, Sync), preparing it first when this
+    /// connection lacks it.
+    pub async fn queue_lsn_query(&mut self, query: &LsnQuery) -> Result<Prepared, ServerError> {
+        let prepared = match self.prepared.get(query.name) {
+            Some(()) => Prepared::Held,
+            None => Prepared::Now {
+                closed: self
+                    .queue_prepare(query.name, &query.parse)
+                    .await?
+                    .is_some(),
+            },
+        };
+        for frame in &query.run {
+            self.queue(frame).await?;
+        }
+        Ok(prepared)
+    }
+
     /// How far this replica has replayed, asked directly (`None` on a primary).
     pub async fn replay_lsn(&mut self, timeout: Duration) -> Result<Option<Lsn>, ServerError> {
         tokio::time::timeout(timeout, async {
-            self.send(&frontend::query("select pg_last_wal_replay_lsn()"))
-                .await?;
+            self.queue_lsn_query(&REPLAY_LSN).await?;
+            self.flush().await?;
             let mut lsn = None;
             loop {
                 let frame = self.read_frame().await?;

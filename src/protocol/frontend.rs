@@ -137,6 +137,37 @@ pub fn query(sql: &str) -> Frame {
     })
 }
 
+/// A Parse without parameter types.
+pub fn parse(name: &[u8], sql: &str) -> Frame {
+    Frame::build(PARSE, |b| {
+        b.put_slice(name);
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    })
+}
+
+/// Binds `statement`, which takes no parameters, to the unnamed portal, results in text.
+pub fn bind_no_params(statement: &[u8]) -> Frame {
+    Frame::build(BIND, |b| {
+        b.put_u8(0);
+        b.put_slice(statement);
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    })
+}
+
+/// Executes the unnamed portal to the end.
+pub fn execute_all() -> Frame {
+    Frame::build(EXECUTE, |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    })
+}
+
 pub fn sync() -> Frame {
     Frame::build(SYNC, |_| {})
 }

@@ -214,12 +214,8 @@ impl ReplicaPicker {
         min_lsn: Option<Lsn>,
     ) -> Vec<NodeId> {
         let mut nodes = Vec::with_capacity(topology.nodes.len());
-        let sticky = preferred.filter(|&id| {
-            topology
-                .nodes
-                .get(id.0)
-                .is_some_and(|n| n.serves_reads_at(min_lsn))
-        });
+        let sticky = preferred
+            .filter(|&id| id.0 < topology.nodes.len() && topology.serves_reads_at(id, min_lsn));
         nodes.extend(sticky);
         let others: Vec<NodeId> = topology
             .read_replicas(min_lsn)

@@ -9,6 +9,7 @@ mod probe;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -132,12 +133,46 @@ impl Node {
     pub fn serves_reads(&self) -> bool {
         self.role == Role::Replica && self.is_usable() && !self.lagging
     }
+}
 
-    /// Serves reads and has replayed at least up to `lsn`.
-    pub fn serves_reads_at(&self, lsn: Option<Lsn>) -> bool {
-        self.serves_reads() && lsn.is_none_or(|lsn| self.replay_lsn.is_some_and(|r| r >= lsn))
+/// Replay positions sessions saw on replicas between the monitor's polls
+/// (every read-your-writes probe and monotonic read learns one): a read
+/// whose floor a replica is already known to have passed needs no probe.
+/// Each is a lower bound, good for one epoch and dropped when its node
+/// stops serving reads, as a restarted replica may come back behind where
+/// it was.
+#[derive(Debug, Clone)]
+pub struct ReplayHints(Arc<[AtomicU64]>);
+
+impl ReplayHints {
+    fn new(nodes: usize) -> ReplayHints {
+        ReplayHints((0..nodes).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// `node` had replayed at least up to `lsn`.
+    pub fn record(&self, node: NodeId, lsn: Lsn) {
+        self.0[node.0].fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    fn get(&self, node: NodeId) -> Option<Lsn> {
+        let lsn = self.0[node.0].load(Ordering::Relaxed);
+        (lsn > 0).then_some(Lsn(lsn))
+    }
+
+    fn forget(&self, node: NodeId) {
+        self.0[node.0].store(0, Ordering::Relaxed);
     }
 }
+
+/// Hints are not part of what the monitor publishes: a snapshot equals
+/// another whatever sessions learnt meanwhile.
+impl PartialEq for ReplayHints {
+    fn eq(&self, _: &ReplayHints) -> bool {
+        true
+    }
+}
+
+impl Eq for ReplayHints {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -156,6 +191,7 @@ pub struct Topology {
     /// this instant (or until the pause is lifted, whichever comes first).
     pub paused_until: Option<std::time::Instant>,
     pub nodes: Vec<Node>,
+    pub seen: ReplayHints,
 }
 
 impl Topology {
@@ -172,7 +208,19 @@ impl Topology {
                 .enumerate()
                 .map(|(i, &addr)| Node::new(NodeId(i), addr))
                 .collect(),
+            seen: ReplayHints::new(addrs.len()),
         }
+    }
+
+    /// How far `id` is known to have replayed: at the last poll, or since.
+    pub fn replayed(&self, id: NodeId) -> Option<Lsn> {
+        self.node(id).replay_lsn.max(self.seen.get(id))
+    }
+
+    /// Serves reads and has replayed at least up to `lsn`.
+    pub fn serves_reads_at(&self, id: NodeId, lsn: Option<Lsn>) -> bool {
+        self.node(id).serves_reads()
+            && lsn.is_none_or(|lsn| self.replayed(id).is_some_and(|r| r >= lsn))
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
@@ -227,7 +275,7 @@ impl Topology {
     pub fn read_replicas(&self, min_lsn: Option<Lsn>) -> impl Iterator<Item = &Node> {
         self.nodes
             .iter()
-            .filter(move |n| n.serves_reads_at(min_lsn) && !self.is_fenced(n.id))
+            .filter(move |n| self.serves_reads_at(n.id, min_lsn) && !self.is_fenced(n.id))
     }
 }
 
@@ -275,6 +323,12 @@ impl SharedTopology {
         self.0.snapshot.rcu(|current| {
             let mut next = Topology::clone(current);
             change(&mut next);
+            if next.epoch != current.epoch {
+                next.seen = ReplayHints::new(next.nodes.len());
+            }
+            for node in next.nodes.iter().filter(|n| !n.serves_reads()) {
+                next.seen.forget(node.id);
+            }
             changed = next != **current;
             if changed {
                 Arc::new(next)
@@ -425,6 +479,33 @@ mod tests {
         assert!(!shared.update(with_replica_at(10)));
         let waited = tokio::time::timeout(Duration::from_millis(20), unchanged).await;
         assert!(waited.is_err(), "no publish, no wake-up");
+    }
+
+    #[test]
+    fn replay_hints_count_until_the_node_stops_serving_reads_or_the_epoch_moves() {
+        let shared = SharedTopology::new(topology(&[
+            (Role::Primary, Health::Up),
+            (Role::Unknown, Health::Down),
+        ]));
+        shared.update(with_replica_at(10));
+        let replica = NodeId(1);
+        assert!(!shared.load().serves_reads_at(replica, Some(Lsn(30))));
+        shared.load().seen.record(replica, Lsn(30));
+        shared.load().seen.record(replica, Lsn(20));
+        assert_eq!(
+            shared.load().replayed(replica),
+            Some(Lsn(30)),
+            "never goes back"
+        );
+        assert!(shared.load().serves_reads_at(replica, Some(Lsn(30))));
+        assert_eq!(shared.load().read_replicas(Some(Lsn(30))).count(), 1);
+        // Down, then back: the poll's position only, until a session learns more.
+        shared.update(|t| t.nodes[1].health = Health::Down);
+        shared.update(with_replica_at(10));
+        assert_eq!(shared.load().replayed(replica), Some(Lsn(10)));
+        shared.load().seen.record(replica, Lsn(30));
+        shared.update(|t| t.epoch = Epoch(t.epoch.0 + 1));
+        assert_eq!(shared.load().replayed(replica), Some(Lsn(10)));
     }
 
     #[tokio::test]

@@ -266,17 +266,19 @@ impl Session {
             }
             return Ok(());
         }
-        if server.conn.prepared.len() == server.conn.prepared.cap().get()
-            && let Some((evicted, ())) = server.conn.prepared.pop_lru()
-        {
-            self.shared.metrics.prepared_evicted();
-            let close = Named::encode(fe::CLOSE, Target::Statement, &evicted);
-            send_quietly(server, &close).await;
-            self.pending.push(Kind::Close, false);
-        }
         self.shared.metrics.prepared_miss();
-        send_quietly(server, &statement.parse).await;
-        server.conn.prepared.put(statement.global.clone(), ());
+        match server
+            .conn
+            .queue_prepare(&statement.global, &statement.parse)
+            .await
+        {
+            Ok(Some(_)) => {
+                self.shared.metrics.prepared_evicted();
+                self.pending.push(Kind::Close, false);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "write to server failed"),
+        }
         self.pending.push_parse(
             visible,
             ParseUndo {

@@ -43,7 +43,8 @@ impl Kind {
     }
 }
 
-/// A query the proxy inserted to learn something: its one value is read, not forwarded.
+/// A question the proxy inserted to learn a WAL position (see
+/// `pool::lsn_query`): its one value is read, not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capture {
     /// `pg_current_wal_lsn()` after a write: the session's commit LSN.
@@ -107,12 +108,13 @@ impl Pending {
         });
     }
 
-    /// An inserted simple query whose single value the proxy reads.
-    pub fn push_capture(&mut self, capture: Capture) {
+    /// One of the messages the proxy inserted to learn a value: every reply
+    /// to them is the proxy's, and the one DataRow among them carries it.
+    pub fn push_capture(&mut self, capture: Capture, kind: Kind, undo: Option<ParseUndo>) {
         self.queue.push_back(Expect::Reply {
-            kind: Kind::Query,
+            kind,
             visible: false,
-            undo: None,
+            undo,
             capture: Some(capture),
         });
     }

@@ -206,6 +206,14 @@ impl Session {
         capture: Capture,
         lsn: Lsn,
     ) -> Result<(), ClientError> {
+        if let (Capture::ReplayFloor(_) | Capture::Observed, Some(server)) = (capture, &self.server)
+        {
+            self.shared
+                .topology
+                .load()
+                .seen
+                .record(server.conn.node, lsn);
+        }
         match capture {
             Capture::CommitLsn => {
                 self.consistency.record_write(lsn);
@@ -255,7 +263,12 @@ impl Session {
             if left.is_zero() {
                 break false;
             }
-            match server.conn.replay_lsn(left).await {
+            let replayed = server.conn.replay_lsn(left).await;
+            if let Ok(Some(lsn)) = replayed {
+                let node = server.conn.node;
+                self.shared.topology.load().seen.record(node, lsn);
+            }
+            match replayed {
                 Ok(Some(lsn)) if lsn >= floor => break true,
                 Ok(_) => tokio::task::yield_now().await,
                 Err(_) => {

@@ -2,6 +2,8 @@
 //! the destination, the node, and what the proxy pipelines around it.
 
 use super::*;
+use crate::pool::lsn_query::{COMMIT_LSN, REPLAY_LSN};
+use crate::pool::server::Prepared;
 
 impl Session {
     /// Pipelined right behind the client's statement, so the client waits
@@ -27,13 +29,38 @@ impl Session {
             self.capture_when_ready = Some(wrote);
             return Ok(());
         }
-        let sql = match capture {
-            Capture::CommitLsn => "select pg_current_wal_lsn()",
-            _ => "select pg_last_wal_replay_lsn()",
-        };
-        self.send_to_server(&fe::query(sql)).await?;
-        self.pending.push_capture(capture);
+        self.ask(capture).await;
         Ok(())
+    }
+    /// Sends the attached server the question `capture` wants answered,
+    /// behind whatever was sent before it.
+    async fn ask(&mut self, capture: Capture) {
+        let query = match capture {
+            Capture::CommitLsn => &*COMMIT_LSN,
+            Capture::ReplayFloor(_) | Capture::Observed => &*REPLAY_LSN,
+        };
+        let server = self.server.as_mut().expect("attached");
+        match server.conn.queue_lsn_query(query).await {
+            Ok(Prepared::Held) => {}
+            Ok(Prepared::Now { closed }) => {
+                if closed {
+                    self.shared.metrics.prepared_evicted();
+                    self.pending.push_capture(capture, Kind::Close, None);
+                }
+                let undo = ParseUndo {
+                    global: query.name.to_vec(),
+                    client_name: None,
+                };
+                self.pending.push_capture(capture, Kind::Parse, Some(undo));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "write to server failed");
+                return;
+            }
+        }
+        for kind in [Kind::Bind, Kind::Execute, Kind::Sync] {
+            self.pending.push_capture(capture, kind, None);
+        }
     }
     /// Picks a server for a new unit of work and attaches it. On failure the
     /// client has been sent the error and `false` is returned.
@@ -153,14 +180,14 @@ impl Session {
                 .first()
                 .is_some_and(|&id| topology.node(id).role == Role::Replica);
             if floor.is_some() && !confirmed {
-                // Unconfirmed: the replica that had replayed most at the last
-                // poll is the likeliest to have reached the floor by now.
+                // Unconfirmed: the replica known to have replayed most (at
+                // the last poll, or by a session since) is the likeliest to
+                // have reached the floor by now.
                 ids = pick(None);
                 ids.sort_by_key(|&id| {
-                    let node = topology.node(id);
                     (
-                        node.role != Role::Replica,
-                        std::cmp::Reverse(node.replay_lsn),
+                        topology.node(id).role != Role::Replica,
+                        std::cmp::Reverse(topology.replayed(id)),
                     )
                 });
             }
@@ -242,14 +269,11 @@ impl Session {
                 .shared
                 .topology
                 .load()
-                .node(node)
-                .serves_reads_at(Some(floor))
+                .serves_reads_at(node, Some(floor))
         {
             return Ok(());
         }
-        self.send_to_server(&fe::query("select pg_last_wal_replay_lsn()"))
-            .await?;
-        self.pending.push_capture(Capture::ReplayFloor(floor));
+        self.ask(Capture::ReplayFloor(floor)).await;
         Ok(())
     }
 
