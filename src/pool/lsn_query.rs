@@ -15,6 +15,7 @@ pub struct LsnQuery {
     /// Under the proxy's `_tp_` prefix, which client statements never get
     /// on a server (theirs are `_tp_` and a 32-digit hash).
     pub name: &'static [u8],
+    pub close: Frame,
     pub parse: Frame,
     /// Bind (text result) and Execute of the unnamed portal, then Sync.
     pub run: [Frame; 3],
@@ -24,6 +25,7 @@ impl LsnQuery {
     fn new(name: &'static [u8], sql: &str) -> LsnQuery {
         LsnQuery {
             name,
+            close: fe::Named::encode(fe::CLOSE, fe::Target::Statement, name),
             parse: fe::parse(name, sql),
             run: [fe::bind_no_params(name), fe::execute_all(), fe::sync()],
         }

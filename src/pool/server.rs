@@ -95,12 +95,12 @@ pub struct Login {
     pub database: String,
 }
 
-/// Whether a statement was already on the connection, or its Parse (and
-/// the Close of the statement it evicted) went out just now.
+/// Whether a statement was already on the connection, or its Close and
+/// Parse (and the Close of the statement it evicted) went out just now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prepared {
     Held,
-    Now { closed: bool },
+    Now { evicted: bool },
 }
 
 pub struct ServerConnection {
@@ -311,16 +311,20 @@ impl ServerConnection {
     }
 
     /// Queues `query` (Bind, Execute, Sync), preparing it first when this
-    /// connection lacks it.
+    /// connection is not known to hold it. That Parse comes after a Close of
+    /// the same name (no error when there is none): a client's DISCARD ALL
+    /// or DEALLOCATE ALL pipelined before the question leaves what the
+    /// server holds unknown until it has run.
     pub async fn queue_lsn_query(&mut self, query: &LsnQuery) -> Result<Prepared, ServerError> {
         let prepared = match self.prepared.get(query.name) {
             Some(()) => Prepared::Held,
-            None => Prepared::Now {
-                closed: self
-                    .queue_prepare(query.name, &query.parse)
-                    .await?
-                    .is_some(),
-            },
+            None => {
+                self.queue(&query.close).await?;
+                let evicted = self.queue_prepare(query.name, &query.parse).await?;
+                Prepared::Now {
+                    evicted: evicted.is_some(),
+                }
+            }
         };
         for frame in &query.run {
             self.queue(frame).await?;

@@ -733,7 +733,9 @@ impl Session {
                 return self.ready(self.client_status).await;
             }
         }
-        let ends_writes = ends_write(&intent, self.client_status);
+        // SET, RESET, DISCARD and DEALLOCATE go to the primary but write no
+        // WAL: no commit LSN to learn.
+        let ends_writes = ends_write(&intent, self.client_status) && self.param_change.is_none();
         self.unnamed = None;
         self.forward(&frame, Kind::Query).await?;
         self.capture_after_unit(ends_writes, sql.is_none_or(state::starts_copy))

@@ -215,6 +215,9 @@ impl Pending {
         {
             return (*visible, undone);
         }
+        // The error is the client's when any message it skips is: only a
+        // batch the proxy sent whole (an LSN question) fails unseen.
+        let mut visible = None;
         while let Some(front) = self.queue.front() {
             if let Expect::Reply { kind, .. } = front
                 && kind.ends_batch()
@@ -222,13 +225,16 @@ impl Pending {
                 break;
             }
             if let Some(Expect::Reply {
-                undo: Some(undo), ..
+                visible: seen,
+                undo,
+                ..
             }) = self.queue.pop_front()
             {
-                undone.push(undo);
+                *visible.get_or_insert(false) |= seen;
+                undone.extend(undo);
             }
         }
-        (true, undone)
+        (visible.unwrap_or(true), undone)
     }
 }
 
@@ -275,6 +281,22 @@ mod tests {
         assert_eq!(undone, vec![undo("a"), undo("b")]);
         assert_eq!(p.pop_synthetic(), None);
         assert!(p.on_reply(READY_FOR_QUERY));
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_failed_lsn_question_stays_the_proxys() {
+        let mut p = Pending::default();
+        p.push(Kind::Query, true);
+        let capture = Capture::CommitLsn;
+        p.push_capture(capture, Kind::Bind, Some(undo("_tp_commit_lsn")));
+        p.push_capture(capture, Kind::Execute, None);
+        p.push_capture(capture, Kind::Sync, None);
+        assert!(p.on_reply(COMMAND_COMPLETE));
+        assert!(p.on_reply(READY_FOR_QUERY));
+        assert_eq!(p.head_capture(), Some(capture));
+        assert_eq!(p.on_error(), (false, vec![undo("_tp_commit_lsn")]));
+        assert!(!p.on_reply(READY_FOR_QUERY));
         assert!(p.is_empty());
     }
 

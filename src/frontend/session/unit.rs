@@ -40,25 +40,31 @@ impl Session {
             Capture::ReplayFloor(_) | Capture::Observed => &*REPLAY_LSN,
         };
         let server = self.server.as_mut().expect("attached");
+        // A failure before the Execute leaves the statement unknown on the
+        // server: it is prepared again (after a Close) the next time.
+        let undo = || {
+            Some(ParseUndo {
+                global: query.name.to_vec(),
+                client_name: None,
+            })
+        };
         match server.conn.queue_lsn_query(query).await {
             Ok(Prepared::Held) => {}
-            Ok(Prepared::Now { closed }) => {
-                if closed {
+            Ok(Prepared::Now { evicted }) => {
+                self.pending.push_capture(capture, Kind::Close, None);
+                if evicted {
                     self.shared.metrics.prepared_evicted();
                     self.pending.push_capture(capture, Kind::Close, None);
                 }
-                let undo = ParseUndo {
-                    global: query.name.to_vec(),
-                    client_name: None,
-                };
-                self.pending.push_capture(capture, Kind::Parse, Some(undo));
+                self.pending.push_capture(capture, Kind::Parse, undo());
             }
             Err(e) => {
                 tracing::debug!(error = %e, "write to server failed");
                 return;
             }
         }
-        for kind in [Kind::Bind, Kind::Execute, Kind::Sync] {
+        self.pending.push_capture(capture, Kind::Bind, undo());
+        for kind in [Kind::Execute, Kind::Sync] {
             self.pending.push_capture(capture, kind, None);
         }
     }
