@@ -74,6 +74,8 @@ pub struct Metrics {
     /// By route: primary, replica.
     unit_seconds: [Histogram; 2],
 
+    /// Replica reads with a floor: known fresh enough (0), or probed (1).
+    ryw_checks: [IntCounter; 2],
     ryw_waits: IntCounter,
     ryw_wait_seconds: Histogram,
     fallbacks: [IntCounter; Fallback::ALL.len()],
@@ -243,6 +245,14 @@ impl Metrics {
                 unit_seconds.with_label_values(&["primary"]),
                 unit_seconds.with_label_values(&["replica"]),
             ],
+            ryw_checks: {
+                let checks = b.counter_vec(
+                    "tidepool_ryw_checks_total",
+                    "Replica reads that needed a session floor: the replica known past it (known), or asked in the read's flight (probed)",
+                    &["result"],
+                );
+                ["known", "probed"].map(|r| checks.with_label_values(&[r]))
+            },
             ryw_waits: b.counter(
                 "tidepool_ryw_waits_total",
                 "Reads that found their replica behind the session's floor and waited for it to catch up",
@@ -417,6 +427,10 @@ impl Metrics {
             .position(|&m| m == mode)
             .unwrap_or(0)];
         by_mode[usize::from(on_primary)].inc();
+    }
+
+    pub fn ryw_checked(&self, probed: bool) {
+        self.ryw_checks[usize::from(probed)].inc();
     }
 
     pub fn ryw_waited(&self, elapsed: Duration) {

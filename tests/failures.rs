@@ -85,6 +85,40 @@ async fn a_killed_primary_gives_a_clear_error_not_a_hang() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_server_connection_closed_while_idle_is_replaced_unseen() {
+    let h = Harness::start("[pool]\nsize = 2\n").await;
+    let c = h.connect().await;
+    c.batch_execute("create table idle_kill (v int)")
+        .await
+        .unwrap();
+    let admin = h.admin().await;
+    for round in 0..3 {
+        // Every pooled server connection of `app` on the primary, idle in
+        // the pool, is terminated (as a restart or idle_session_timeout would).
+        let killed = admin
+            .query_one(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+                 where usename = 'app' and pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        assert!(killed >= 1, "round {round}: no pooled connection to kill");
+        // PostgreSQL's FATAL reaches the sockets before the next checkout.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.batch_execute(&format!("insert into idle_kill values ({round})"))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the write failed: {e:?}"));
+    }
+    let rows = admin
+        .query_one("select count(*) from idle_kill", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn pool_exhaustion_is_53300() {
     let h = Harness::start("[pool]\nsize = 1\ncheckout_timeout = \"300ms\"\n").await;
     let holder = h.connect().await;

@@ -348,6 +348,10 @@ async fn reads_that_fall_back_to_the_primary_say_why() {
     );
     assert!(sample(&text, "tidepool_ryw_wait_seconds_count", &[]) >= 1.0);
     assert!(
+        sample(&text, "tidepool_ryw_checks_total", &[("result", "probed")]) >= 1.0,
+        "a delayed replica is never known past a fresh write's floor"
+    );
+    assert!(
         sample(
             &text,
             "tidepool_primary_fallbacks_total",

@@ -71,6 +71,9 @@ impl deadpool::managed::Manager for ServerManager {
         if metrics.age() > settings.max_lifetime {
             return Err(RecycleError::message("past max_lifetime"));
         }
+        if conn.stream.spoke_while_idle() {
+            return Err(RecycleError::message("closed by the server while idle"));
+        }
         // A connection that sat idle may have been closed under us (server
         // restart, idle timeout, network): check it rather than hand it to a
         // client that would see the failure.

@@ -70,6 +70,30 @@ impl ServerStream {
         }
     }
 
+    /// Whether the server spoke, or hung up, while the connection sat idle
+    /// in its pool: a server says nothing unasked between transactions
+    /// except the FATAL it sends before closing (pg_terminate_backend, a
+    /// restart, idle_session_timeout). Costs no system call unless the
+    /// socket was reported readable; a connection that answers so is never
+    /// handed to a client, whose statement it would lose.
+    pub fn spoke_while_idle(&self) -> bool {
+        let tcp = match self {
+            ServerStream::Plain(tcp) => tcp,
+            ServerStream::Tls(tls) => tls.get_ref().0,
+        };
+        let ready = futures_util::FutureExt::now_or_never(tcp.ready(tokio::io::Interest::READABLE));
+        match ready {
+            None => false,
+            // Readiness may be left over from the last answer: only bytes
+            // (or the end of the stream) now tell.
+            Some(Ok(_)) => !matches!(
+                tcp.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+            Some(Err(_)) => true,
+        }
+    }
+
     /// What SCRAM can bind to: the server certificate's end-point hash.
     pub fn end_point_hash(&self) -> Option<Vec<u8>> {
         let ServerStream::Tls(tls) = self else {

@@ -244,8 +244,9 @@ impl Session {
         }
     }
     /// The replica was behind the session's floor. Watch it replay (one
-    /// small query a round trip) until it passes the floor or `ryw_wait`
-    /// runs out; then redo the read there, or on the primary.
+    /// small query a round trip) until it or another replica is known past
+    /// the floor, or `ryw_wait` runs out; then redo the read there, or on
+    /// the primary.
     pub(super) async fn redo_stale_read(&mut self) -> Result<(), ClientError> {
         let floor = self.stale_read.take().expect("a stale read");
         self.cancel.set_target(None);
@@ -258,30 +259,38 @@ impl Session {
         // such a connection must not go back to the pool, where the next
         // client would read that answer as its own.
         let mut answered = true;
+        let node = server.conn.node;
+        // Another replica known past the floor (other sessions' probes land
+        // while this one waits) takes the read at once.
+        let fresh_elsewhere = |topology: &crate::topology::Topology| {
+            let mut fresh = topology.read_replicas(Some(floor)).map(|n| n.id);
+            fresh.find(|&id| id != node)
+        };
         let caught_up = loop {
+            if let Some(other) = fresh_elsewhere(&self.shared.topology.load()) {
+                break Some(other);
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                break false;
+                break None;
             }
             let replayed = server.conn.replay_lsn(left).await;
             if let Ok(Some(lsn)) = replayed {
-                let node = server.conn.node;
                 self.shared.topology.load().seen.record(node, lsn);
             }
             match replayed {
-                Ok(Some(lsn)) if lsn >= floor => break true,
+                Ok(Some(lsn)) if lsn >= floor => break Some(node),
                 Ok(_) => tokio::task::yield_now().await,
                 Err(_) => {
                     answered = false;
-                    break false;
+                    break None;
                 }
             }
         };
         self.shared.metrics.ryw_waited(started.elapsed());
         let replay = server.replay.take();
-        if caught_up {
-            self.prefer_replica = Some(server.conn.node);
-        } else {
+        self.prefer_replica = caught_up;
+        if caught_up.is_none() {
             self.force_primary = Some(Fallback::RywTimeout);
         }
         // Mid-batch (no Sync yet) the connection is not between

@@ -269,14 +269,12 @@ impl Session {
         let (Some(floor), Some(server)) = (floor, self.server.as_ref()) else {
             return Ok(());
         };
-        let node = server.conn.node;
-        if server.role != Role::Replica
-            || self
-                .shared
-                .topology
-                .load()
-                .serves_reads_at(node, Some(floor))
-        {
+        if server.role != Role::Replica {
+            return Ok(());
+        }
+        let known = (self.shared.topology.load()).serves_reads_at(server.conn.node, Some(floor));
+        self.shared.metrics.ryw_checked(!known);
+        if known {
             return Ok(());
         }
         self.ask(Capture::ReplayFloor(floor)).await;
