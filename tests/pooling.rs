@@ -368,3 +368,40 @@ async fn reads_that_replicas_cannot_answer_go_to_the_primary() {
         primary
     );
 }
+
+/// With every server connection busy, a login is answered from what the
+/// pool's servers reported at startup instead of waiting for one (and, past
+/// checkout_timeout, failing): its own startup values apply at its first
+/// statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_does_not_wait_for_a_busy_pool() {
+    let h = Harness::start("[pool]\nsize = 1\ncheckout_timeout = \"500ms\"\n").await;
+    let holder = h.connect().await;
+    holder
+        .batch_execute("create table busy (v int); begin; insert into busy values (1)")
+        .await
+        .unwrap();
+    let url = format!(
+        "{} application_name=latecomer options='-c TimeZone=Asia/Tokyo'",
+        h.url("app", "app", "postgres")
+    );
+    let started = std::time::Instant::now();
+    let late = common::connect(&url)
+        .await
+        .expect("a login while the only primary connection is in a transaction");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "the login waited {:?}",
+        started.elapsed()
+    );
+    holder.batch_execute("commit").await.unwrap();
+    let primary = "/* tidepool: primary */ ";
+    assert_eq!(
+        simple_value(&late, &format!("{primary}show timezone")).await,
+        "Asia/Tokyo"
+    );
+    assert_eq!(
+        simple_value(&late, &format!("{primary}show application_name")).await,
+        "latecomer"
+    );
+}

@@ -285,6 +285,29 @@ async fn refuse(mut client: ClientConn, error: ClientError) -> ClientError {
 /// credentials work on the server.
 /// In session mode the connection is kept for the client's whole session
 /// (when it is the primary's), so that the client can be given its pid.
+/// A server's ParameterStatus values with the client's startup values in
+/// place of the server's own (`wanted` holds them as SQL literals).
+fn with_own_values(
+    defaults: &[(String, String)],
+    wanted: &session::Params,
+) -> Vec<(String, String)> {
+    let unquote = |literal: &str| {
+        let inner = literal
+            .strip_prefix('\'')
+            .and_then(|l| l.strip_suffix('\''));
+        inner.unwrap_or(literal).replace("''", "'")
+    };
+    defaults
+        .iter()
+        .map(
+            |(name, value)| match wanted.get(&name.to_ascii_lowercase()) {
+                Some(own) => (name.clone(), unquote(own)),
+                None => (name.clone(), value.clone()),
+            },
+        )
+        .collect()
+}
+
 async fn server_parameters(
     shared: &Shared,
     user: &UserEntry,
@@ -300,6 +323,7 @@ async fn server_parameters(
             .map(|id| (id, topology.node(id).addr))
             .collect()
     };
+    let session_mode = shared.config.load().pool.mode == PoolMode::Session;
     let mut last_error = RouteError::NoServer;
     for (node, addr) in nodes {
         let key = PoolKey {
@@ -307,7 +331,14 @@ async fn server_parameters(
             user: user.name.clone(),
             database: database.to_owned(),
         };
-        match shared.pools.checkout(&key, addr, &user.password).await {
+        let pool = shared.pools.handle(&key, addr, &user.password);
+        // Every connection busy: a login does not wait for one (PgBouncer
+        // does not either). It is told the server's startup values with
+        // its own over them; its first unit of work applies those.
+        if !session_mode && let Some(defaults) = pool.defaults_if_busy() {
+            return Ok((with_own_values(&defaults, wanted), None));
+        }
+        match pool.checkout().await {
             Ok(mut conn) => {
                 if let Some(sql) = session::sync_sql(wanted, &conn.applied) {
                     let timeout = shared.config.load().pool.connect_timeout;
@@ -320,7 +351,7 @@ async fn server_parameters(
                     conn.applied = wanted.clone();
                 }
                 let params = conn.params.clone();
-                let keep = shared.config.load().pool.mode == PoolMode::Session
+                let keep = session_mode
                     && shared
                         .topology
                         .load()
@@ -332,4 +363,30 @@ async fn server_parameters(
         }
     }
     Err(last_error.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_pools_login_hears_its_own_values() {
+        let defaults = vec![
+            ("application_name".to_owned(), String::new()),
+            ("TimeZone".to_owned(), "Etc/UTC".to_owned()),
+            ("server_version".to_owned(), "15.18".to_owned()),
+        ];
+        let wanted = session::startup_params(&[
+            ("application_name".into(), "it's me".into()),
+            ("options".into(), "-c timezone=Asia/Tokyo".into()),
+        ]);
+        assert_eq!(
+            with_own_values(&defaults, &wanted),
+            [
+                ("application_name".to_owned(), "it's me".to_owned()),
+                ("TimeZone".to_owned(), "Asia/Tokyo".to_owned()),
+                ("server_version".to_owned(), "15.18".to_owned()),
+            ]
+        );
+    }
 }

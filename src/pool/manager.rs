@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 
@@ -22,6 +22,10 @@ pub struct ServerManager {
     /// to the connections already pooled.
     pub settings: Arc<ArcSwap<PoolConfig>>,
     pub servers: ServerList,
+    /// The ParameterStatus values the newest connection reported at
+    /// startup, before any client's SET: what a login is told when every
+    /// connection is busy (see `PoolHandle::defaults_if_busy`).
+    pub fresh_params: ArcSwapOption<Vec<(String, String)>>,
 }
 
 impl deadpool::managed::Manager for ServerManager {
@@ -46,6 +50,7 @@ impl deadpool::managed::Manager for ServerManager {
         .await
         .map_err(|_| ServerError::Timeout)?
         .map(|mut conn| {
+            self.fresh_params.store(Some(Arc::new(conn.params.clone())));
             conn.listed = Some(self.servers.add(ServerInfo {
                 addr: self.addr,
                 local: conn.stream.local_addr().ok(),

@@ -49,6 +49,16 @@ pub struct PoolHandle {
 }
 
 impl PoolHandle {
+    /// When every connection is in use and the pool is full: what a fresh
+    /// connection of this pool reported at startup, if one was ever made.
+    pub fn defaults_if_busy(&self) -> Option<Arc<Vec<(String, String)>>> {
+        let status = self.pool.status();
+        if status.available > 0 || status.size < status.max_size {
+            return None;
+        }
+        self.pool.manager().fresh_params.load_full()
+    }
+
     /// A server connection; the pool's own wait, create and recycle timeouts apply.
     pub async fn checkout(&self) -> Result<Checkout, CheckoutError> {
         self.checkout_timed().await.0
@@ -127,6 +137,7 @@ impl Pools {
             tls: self.tls.clone(),
             settings: self.settings.clone(),
             servers: self.servers.clone(),
+            fresh_params: Default::default(),
         };
         let pool = Pool::builder(manager)
             .max_size(self.settings.load().size)
