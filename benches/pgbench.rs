@@ -2,9 +2,8 @@
 //! and the cost of tidepool's consistency modes on a write-then-read workload.
 //!
 //! Not a timed test but a report: `cargo bench --bench pgbench` starts a local
-//! primary + 2 replicas, loads `pgbench -i -s 10`, runs tidepool in this process
-//! (so `VmHWM` of this process is the proxy's peak RSS) and PgBouncer as a child,
-//! then runs each workload against every target in interleaved rounds, so that
+//! primary + 2 replicas, loads `pgbench -i -s 10`, runs tidepool (`tidepool run`,
+//! as deployed) and PgBouncer as child processes, then runs each workload against every target in interleaved rounds, so that
 //! drift (cache warm-up, table bloat from TPC-B, other load) hits all targets alike.
 //! Then, with both proxies closed, "counted runs" through fresh tidepool instances
 //! show where reads went (pgbench_accounts index scans per node): each workload once,
@@ -23,8 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tidepool::demo::cluster::{Cluster, ClusterSpec, free_port};
-use tidepool::proxy::Proxy;
-use tokio::runtime::Runtime;
 
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 /// Server connections per node (tidepool) and per (user, db) (PgBouncer): the same
@@ -50,8 +47,19 @@ const WORKLOADS: &[(&str, &str)] = &[
     ("select-only -c1", "-S -M simple -c 1 -j 1"),
 ];
 
-/// Write-then-read: `routing.consistency` of each tidepool instance, in table order.
-const MODES: [&str; 4] = ["eventual", "read_your_writes", "monotonic", "strong"];
+/// Write-then-read: each tidepool instance's name and `[routing]`, in table order.
+/// The last shows what `ryw_wait` buys: a read that finds its replica behind goes
+/// to the primary at once instead of waiting for the replica.
+const MODES: [(&str, &str); 5] = [
+    ("eventual", "consistency = \"eventual\""),
+    ("read_your_writes", "consistency = \"read_your_writes\""),
+    ("monotonic", "consistency = \"monotonic\""),
+    ("strong", "consistency = \"strong\""),
+    (
+        "read_your_writes, ryw_wait = 0",
+        "consistency = \"read_your_writes\"\nryw_wait = \"0ms\"",
+    ),
+];
 /// Custom scripts know the scale only from `-s` (`:scale` is 1 otherwise).
 const MODE_ARGS: &str = "-M simple -c 8 -j 2 -s 10";
 /// One transaction = two autocommit statements: UPDATE a random account, read it back.
@@ -70,7 +78,8 @@ SELECT bbalance FROM pgbench_branches WHERE bid = :bid;
 /// What every phase needs; `problems` collects the report's PROBLEM lines.
 struct Bench {
     cluster: Cluster,
-    rt: Runtime,
+    /// `listen.workers` of every `tidepool run` the bench starts.
+    workers: usize,
     secs: u64,
     rounds: u64,
     problems: String,
@@ -438,20 +447,18 @@ impl Bench {
         let before = self.account_scans()?;
         let proxy = routing.map(|routing| {
             let extra = format!("[pool]\nsize = {POOL_SIZE}\n\n[routing]\n{routing}\n");
-            let config = tidepool::demo::config(&self.cluster, "127.0.0.1:0", &extra);
-            let proxy = self.rt.block_on(Proxy::start(config));
+            let proxy = start_tidepool(&self.cluster, self.workers, &extra);
             proxy.map_err(|e| format!("tidepool did not start: {e}"))
         });
         let proxy = proxy.transpose()?;
         let primary = self.cluster.primary().port;
-        let port = proxy.as_ref().map_or(primary, |p| p.addr().port());
+        let port = proxy.as_ref().map_or(primary, |p| p.port);
         if let Some(Err(e)) = warm_up.map(|args| run_pgbench(port, args, 1)) {
             eprintln!("  warm-up failed: {e}");
         }
         let (run, lag_ms) = self.sampling_lag(|| run_pgbench(port, args, secs));
-        if let Some(proxy) = proxy {
-            self.rt.block_on(proxy.shutdown());
-        }
+        // Its server backends exit with it and flush their statistics.
+        drop(proxy);
         let run = run?;
         self.wait_idle();
         let after = self.account_scans()?;
@@ -477,15 +484,16 @@ impl Bench {
             script("write-then-read.sql", WRITE_THEN_READ),
         ];
         let modes = || std::iter::once(None).chain(MODES.map(Some));
-        let name = |m: Option<&str>| m.map_or("direct".into(), |m| format!("tidepool {m}"));
+        let name =
+            |m: Option<(&str, &str)>| m.map_or("direct".into(), |(m, _)| format!("tidepool {m}"));
         let mut results: Vec<Vec<_>> = modes().map(|_| Vec::new()).collect();
         for round in 1..=self.rounds {
             for (i, mode) in modes().enumerate() {
                 let (name, rounds) = (name(mode), self.rounds);
                 eprintln!("[write-then-read] round {round}/{rounds} via {name} ...");
-                let routing = mode.map(|m| format!("consistency = \"{m}\""));
+                let routing = mode.map(|(_, routing)| routing);
                 let (warm_up, args) = (Some(scripts[0].as_str()), &scripts[1]);
-                let outcome = self.counted_run(routing.as_deref(), warm_up, args, self.secs);
+                let outcome = self.counted_run(routing, warm_up, args, self.secs);
                 let what = format!("write-then-read via {name}, round {round}");
                 self.log_run(outcome.as_ref().map(|r| &r.run), &what);
                 results[i].push(outcome);
@@ -623,13 +631,7 @@ fn main() {
     let have_bouncer = ensure_pgbouncer();
     let mut bench = Bench {
         cluster: start_cluster(),
-        // The counted runs' tidepools run on this runtime's worker threads while we
-        // block on pgbench: as many as the `tidepool run` children get.
-        rt: tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(env_u64("TIDEPOOL_BENCH_WORKERS", 1) as usize)
-            .enable_all()
-            .build()
-            .expect("tokio runtime"),
+        workers: env_u64("TIDEPOOL_BENCH_WORKERS", 1) as usize,
         secs: env_u64("TIDEPOOL_BENCH_SECS", 20),
         rounds: env_u64("TIDEPOOL_BENCH_ROUNDS", 2),
         problems: String::new(),
@@ -641,7 +643,7 @@ fn main() {
         eprintln!("{what} did not start, no column for it: {e}");
         bench.problems += &format!("- PROBLEM: {what} did not start: {e}\n");
     };
-    let workers = bench.rt.metrics().num_workers();
+    let workers = bench.workers;
     let proxies = [
         ("tidepool", start_tidepool(&bench.cluster, workers, &pool)),
         (
@@ -701,7 +703,7 @@ impl Bench {
         bouncer: bool,
     ) -> String {
         let (secs, rounds, cpus) = (self.secs, self.rounds, first_line("nproc", &[]));
-        let workers = self.rt.metrics().num_workers();
+        let workers = self.workers;
         let pgbench_version = first_line("pgbench", &["--version"]);
         let bouncer_version = match bouncer {
             true => first_line(PGBOUNCER, &["--version"]),
@@ -728,8 +730,8 @@ impl Bench {
              2 s select-only warm-up per target; TPS excludes initial connection time. \"fails \
              (f/n)\": f of n runs failed (pgbench's error is in the PROBLEM lines).\n\
              - Both tidepools are `tidepool run` processes with `listen.workers = {workers}` \
-             (`TIDEPOOL_BENCH_WORKERS`), PgBouncer runs on its one thread. The counted runs \
-             below run tidepool in this process, on as many worker threads.\n\
+             (`TIDEPOOL_BENCH_WORKERS`), PgBouncer runs on its one thread; so are the fresh \
+             tidepools of the counted runs below.\n\
              - Peak RSS (VmHWM): tidepool {} (the `tidepool run` process), PgBouncer {}. Proxy CPU µs/txn: user + system CPU time of \
              the proxy process during the run / transactions.\n",
             routing.unwrap_or("n/a"),
