@@ -278,13 +278,6 @@ async fn refuse(mut client: ClientConn, error: ClientError) -> ClientError {
     error
 }
 
-/// The ParameterStatus set a client gets at startup: the primary's (any
-/// usable node's when there is no primary), with the client's own startup
-/// parameters applied so that it sees the values the server reports for them.
-/// Checking a connection out also proves the database exists and the
-/// credentials work on the server.
-/// In session mode the connection is kept for the client's whole session
-/// (when it is the primary's), so that the client can be given its pid.
 /// A server's ParameterStatus values with the client's startup values in
 /// place of the server's own (`wanted` holds them as SQL literals).
 fn with_own_values(
@@ -308,6 +301,13 @@ fn with_own_values(
         .collect()
 }
 
+/// The ParameterStatus set a client gets at startup: the primary's (any
+/// usable node's when there is no primary), with the client's own startup
+/// parameters applied so that it sees the values the server reports for them.
+/// Checking a connection out also proves the database exists and the
+/// credentials work on the server (a busy pool has proved that before).
+/// In session mode the connection is kept for the client's whole session
+/// (when it is the primary's), so that the client can be given its pid.
 async fn server_parameters(
     shared: &Shared,
     user: &UserEntry,
