@@ -217,16 +217,20 @@ impl Session {
             let pool = self.pool_for(node, addr);
             // Listed as waiting only when the pool has no connection at hand.
             let mut checkout = std::pin::pin!(pool.checkout_timed());
+            let mut cancelled = None;
             let (checkout, waited) = match futures_util::FutureExt::now_or_never(&mut checkout) {
                 Some(done) => done,
                 None => {
-                    let cancelled = self.cancel.set_waiting();
+                    let waiter = cancelled.insert(self.cancel.set_waiting());
+                    // A cancel and a free connection can arrive together:
+                    // the cancel wins, as it would have a moment later.
                     tokio::select! {
-                        done = &mut checkout => done,
-                        _ = cancelled.notified() => {
+                        biased;
+                        _ = waiter.notified() => {
                             self.cancel.set_target(None);
                             return Err(RouteError::Cancelled);
                         }
+                        done = &mut checkout => done,
                     }
                 }
             };
@@ -234,6 +238,17 @@ impl Session {
             match checkout {
                 Ok(conn) => {
                     self.cancel.set_target(Some((conn.addr, conn.key)));
+                    // A cancel that came while the connection was being
+                    // handed over found no server to forward to; it left
+                    // its mark on the waiter instead. The statement has
+                    // reached no server: it is cancelled here, as above.
+                    let missed = cancelled.is_some_and(|waiter| {
+                        futures_util::FutureExt::now_or_never(waiter.notified()).is_some()
+                    });
+                    if missed {
+                        self.cancel.set_target(None);
+                        return Err(RouteError::Cancelled);
+                    }
                     self.server = Some(Attached::new(conn, role, &self.shared));
                     return Ok(());
                 }
