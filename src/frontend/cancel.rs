@@ -60,6 +60,25 @@ struct Entry {
     /// Woken by a cancel while the client waits for a server connection:
     /// its statement has reached no server, so the proxy cancels it itself.
     waiter: Option<Arc<Notify>>,
+    /// A cancel came during the wait; its session may have taken a server
+    /// connection before it woke (see `CancelHandle::attach`).
+    cancelled_waiting: bool,
+}
+
+impl Entry {
+    fn serve_from(&mut self, target: Option<(SocketAddr, BackendKey)>) {
+        self.target = target;
+        self.waiting_since = None;
+        self.waiter = None;
+        self.cancelled_waiting = false;
+        self.state = match target {
+            Some(_) => {
+                self.request_at = Some(SystemTime::now());
+                ClientState::Active
+            }
+            None => ClientState::Idle,
+        };
+    }
 }
 
 /// One client as SHOW CLIENTS lists it.
@@ -122,6 +141,7 @@ impl CancelRegistry {
                 request_at: None,
                 waiting_since: None,
                 waiter: None,
+                cancelled_waiting: false,
             },
         );
         CancelHandle {
@@ -163,12 +183,13 @@ impl CancelRegistry {
     /// with PostgreSQL.
     pub async fn cancel(&self, key: BackendKey) {
         let target = {
-            let entries = self.entries.lock().expect("cancel lock");
-            let Some(entry) = entries.get(&key.pid).filter(|e| e.secret == key.secret) else {
+            let mut entries = self.entries.lock().expect("cancel lock");
+            let Some(entry) = entries.get_mut(&key.pid).filter(|e| e.secret == key.secret) else {
                 return;
             };
             if let Some(waiter) = &entry.waiter {
                 waiter.notify_one();
+                entry.cancelled_waiting = true;
             }
             entry.target
         };
@@ -207,18 +228,21 @@ impl CancelRegistry {
 impl CancelHandle {
     /// The server now serving the client (`None`: back between transactions).
     pub fn set_target(&self, target: Option<(SocketAddr, BackendKey)>) {
-        self.update(|entry| {
-            entry.target = target;
-            entry.waiting_since = None;
-            entry.waiter = None;
-            entry.state = match target {
-                Some(_) => {
-                    entry.request_at = Some(SystemTime::now());
-                    ClientState::Active
-                }
-                None => ClientState::Idle,
-            };
+        self.update(|entry| entry.serve_from(target));
+    }
+
+    /// `set_target` for a server the client got after waiting, unless it
+    /// cancelled during the wait: a cancel that arrived as the connection
+    /// was handed over went to the waiter, not to a server, and is seen
+    /// here under the same lock. On `false` the client is back between
+    /// transactions and its statement, sent nowhere yet, is the one cancelled.
+    pub fn attach(&self, target: (SocketAddr, BackendKey)) -> bool {
+        let attached = self.update(|entry| {
+            let cancelled = entry.cancelled_waiting;
+            entry.serve_from((!cancelled).then_some(target));
+            !cancelled
         });
+        attached.unwrap_or(true)
     }
 
     /// The client waits for a server connection; the returned `Notify` is
@@ -229,20 +253,14 @@ impl CancelHandle {
             entry.state = ClientState::Waiting;
             entry.waiting_since = Some(Instant::now());
             entry.waiter = Some(waiter.clone());
+            entry.cancelled_waiting = false;
         });
         waiter
     }
 
-    fn update(&self, change: impl FnOnce(&mut Entry)) {
-        if let Some(entry) = self
-            .registry
-            .entries
-            .lock()
-            .expect("cancel lock")
-            .get_mut(&self.key.pid)
-        {
-            change(entry);
-        }
+    fn update<R>(&self, change: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let mut entries = self.registry.entries.lock().expect("cancel lock");
+        entries.get_mut(&self.key.pid).map(change)
     }
 }
 

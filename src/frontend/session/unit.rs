@@ -217,36 +217,25 @@ impl Session {
             let pool = self.pool_for(node, addr);
             // Listed as waiting only when the pool has no connection at hand.
             let mut checkout = std::pin::pin!(pool.checkout_timed());
-            let mut cancelled = None;
             let (checkout, waited) = match futures_util::FutureExt::now_or_never(&mut checkout) {
                 Some(done) => done,
                 None => {
-                    let waiter = cancelled.insert(self.cancel.set_waiting());
-                    // A cancel and a free connection can arrive together:
-                    // the cancel wins, as it would have a moment later.
+                    let cancelled = self.cancel.set_waiting();
                     tokio::select! {
-                        biased;
-                        _ = waiter.notified() => {
+                        done = &mut checkout => done,
+                        _ = cancelled.notified() => {
                             self.cancel.set_target(None);
                             return Err(RouteError::Cancelled);
                         }
-                        done = &mut checkout => done,
                     }
                 }
             };
             self.stats.waited(waited);
             match checkout {
                 Ok(conn) => {
-                    self.cancel.set_target(Some((conn.addr, conn.key)));
-                    // A cancel that came while the connection was being
-                    // handed over found no server to forward to; it left
-                    // its mark on the waiter instead. The statement has
-                    // reached no server: it is cancelled here, as above.
-                    let missed = cancelled.is_some_and(|waiter| {
-                        futures_util::FutureExt::now_or_never(waiter.notified()).is_some()
-                    });
-                    if missed {
-                        self.cancel.set_target(None);
+                    // False when a cancel came as the connection did: the
+                    // connection goes back unused.
+                    if !self.cancel.attach((conn.addr, conn.key)) {
                         return Err(RouteError::Cancelled);
                     }
                     self.server = Some(Attached::new(conn, role, &self.shared));
