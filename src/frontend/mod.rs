@@ -279,25 +279,19 @@ async fn refuse(mut client: ClientConn, error: ClientError) -> ClientError {
 }
 
 /// A server's ParameterStatus values with the client's startup values in
-/// place of the server's own (`wanted` holds them as SQL literals).
+/// place of the server's own (`wanted` holds them as SQL literals, made by
+/// `session::quote_literal`).
 fn with_own_values(
     defaults: &[(String, String)],
     wanted: &session::Params,
 ) -> Vec<(String, String)> {
-    let unquote = |literal: &str| {
-        let inner = literal
-            .strip_prefix('\'')
-            .and_then(|l| l.strip_suffix('\''));
-        inner.unwrap_or(literal).replace("''", "'")
+    let own = |name: &str| {
+        let literal = wanted.get(&name.to_ascii_lowercase())?;
+        crate::route::fingerprint::unquote_literal(literal)
     };
     defaults
         .iter()
-        .map(
-            |(name, value)| match wanted.get(&name.to_ascii_lowercase()) {
-                Some(own) => (name.clone(), unquote(own)),
-                None => (name.clone(), value.clone()),
-            },
-        )
+        .map(|(name, value)| (name.clone(), own(name).unwrap_or_else(|| value.clone())))
         .collect()
 }
 

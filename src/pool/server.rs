@@ -289,21 +289,17 @@ impl ServerConnection {
     }
 
     /// Queues the Parse of a statement this connection lacks, first closing
-    /// the least recently used one when the cache is full. Returns the name
-    /// closed, whose CloseComplete the caller must expect.
-    pub async fn queue_prepare(
-        &mut self,
-        name: &[u8],
-        parse: &Frame,
-    ) -> Result<Option<Vec<u8>>, ServerError> {
-        let mut closed = None;
+    /// the least recently used one when the cache is full. Returns whether
+    /// it closed one, whose CloseComplete the caller must expect.
+    pub async fn queue_prepare(&mut self, name: &[u8], parse: &Frame) -> Result<bool, ServerError> {
+        let mut closed = false;
         if self.prepared.len() == self.prepared.cap().get()
             && let Some((evicted, ())) = self.prepared.pop_lru()
         {
             let close =
                 frontend::Named::encode(frontend::CLOSE, frontend::Target::Statement, &evicted);
             self.queue(&close).await?;
-            closed = Some(evicted);
+            closed = true;
         }
         self.queue(parse).await?;
         self.prepared.put(name.to_vec(), ());
@@ -321,9 +317,7 @@ impl ServerConnection {
             None => {
                 self.queue(&query.close).await?;
                 let evicted = self.queue_prepare(query.name, &query.parse).await?;
-                Prepared::Now {
-                    evicted: evicted.is_some(),
-                }
+                Prepared::Now { evicted }
             }
         };
         for frame in &query.run {

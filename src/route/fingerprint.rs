@@ -25,6 +25,13 @@ const STRING_MARK: u8 = 0xFE;
 /// Stands in for a numeric constant (same reasoning as [`STRING_MARK`]).
 const NUMBER_MARK: u8 = 0xFF;
 
+/// The content of a plain `'...'` constant, or `None` if it is not one
+/// (unterminated, or a lone quote inside: the server would reject it).
+pub fn unquote_literal(literal: &str) -> Option<String> {
+    let inner = literal.strip_prefix('\'')?.strip_suffix('\'')?;
+    (!inner.replace("''", "").contains('\'')).then(|| inner.replace("''", "'"))
+}
+
 /// Hashes the statement with constants, whitespace amounts and comments
 /// removed.
 ///

@@ -272,11 +272,11 @@ impl Session {
             .queue_prepare(&statement.global, &statement.parse)
             .await
         {
-            Ok(Some(_)) => {
+            Ok(true) => {
                 self.shared.metrics.prepared_evicted();
                 self.pending.push(Kind::Close, false);
             }
-            Ok(None) => {}
+            Ok(false) => {}
             Err(e) => tracing::debug!(error = %e, "write to server failed"),
         }
         self.pending.push_parse(

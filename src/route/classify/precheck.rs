@@ -12,7 +12,7 @@
 use std::iter::{Filter, Peekable};
 
 use super::{Intent, ProxyCommand};
-use crate::route::fingerprint::{Lexer, Token, TokenKind};
+use crate::route::fingerprint::{Lexer, Token, TokenKind, unquote_literal};
 
 /// The intent of `sql` if it is one of the statements recognized here.
 pub(super) fn quick_intent(sql: &str) -> Option<Intent> {
@@ -222,7 +222,7 @@ impl<'a> Statement<'a> {
                 return Some(Value::Default);
             }
             TokenKind::Word => first.text.to_ascii_lowercase(),
-            TokenKind::String if first.text.starts_with('\'') => unquote(first.text)?,
+            TokenKind::String if first.text.starts_with('\'') => unquote_literal(first.text)?,
             _ => first.text.to_owned(),
         };
         Some(Value::Text(value))
@@ -254,11 +254,4 @@ fn is_trivia(token: &Token) -> bool {
 
 fn is_semicolon(token: &Token) -> bool {
     token.kind == TokenKind::Symbol && token.text == ";"
-}
-
-/// The content of a plain `'...'` constant, or `None` if it is unterminated
-/// (the server will reject the statement, so it is not a proxy command).
-fn unquote(literal: &str) -> Option<String> {
-    let inner = literal.strip_prefix('\'')?.strip_suffix('\'')?;
-    (!inner.replace("''", "").contains('\'')).then(|| inner.replace("''", "'"))
 }
