@@ -61,10 +61,7 @@ async fn counters_move_with_real_traffic() {
         .await
         .unwrap();
     h.caught_up().await;
-    // Reads alternate between the replicas known past the session's floor
-    // (its last write); until the monitor's next poll shows both there, only
-    // the one a read has probed is known.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.polled().await;
     for _ in 0..6 {
         served_by(&c, "select inet_server_port()").await;
     }

@@ -32,6 +32,7 @@ async fn writes_and_side_effects_go_to_the_primary_reads_spread_over_replicas() 
         assert_eq!(served_by(&c, sql).await, primary, "{sql}");
     }
 
+    h.polled().await;
     let mut seen = HashSet::new();
     for _ in 0..10 {
         seen.insert(served_by(&c, "select inet_server_port()").await);

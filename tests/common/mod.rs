@@ -120,6 +120,14 @@ impl Harness {
         .expect("connect to primary")
     }
 
+    /// Waits out a few of the monitor's polls (100 ms apart), so that the
+    /// proxy's topology shows both replicas past the session's last write:
+    /// until then reads go only to the replica a read has probed, the one
+    /// known past it.
+    pub async fn polled(&self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     pub async fn caught_up(&self) {
         let cluster = &self.cluster;
         tokio::task::block_in_place(|| cluster.wait_replicas_caught_up(Duration::from_secs(20)))
