@@ -10,7 +10,9 @@
 //! and a custom write-then-read script direct and per `routing.consistency` mode.
 //!
 //! Env: `TIDEPOOL_BENCH_SECS` (per pgbench run, default 20), `TIDEPOOL_BENCH_ROUNDS`
-//! (default 2; the median per target is reported), `RUST_LOG` (proxy logs to stderr).
+//! (default 2; the median per target is reported, and ratios are medians of per-round
+//! ratios), `TIDEPOOL_BENCH_MODE_ROUNDS` (rounds of the write-then-read table, default
+//! `TIDEPOOL_BENCH_ROUNDS`), `RUST_LOG` (proxy logs to stderr).
 //! The report goes to stdout and to `target/bench-pgbench.md`.
 
 use std::fs;
@@ -82,6 +84,8 @@ struct Bench {
     workers: usize,
     secs: u64,
     rounds: u64,
+    /// Rounds of the write-then-read table, whose differences are smaller.
+    mode_rounds: u64,
     problems: String,
 }
 
@@ -348,8 +352,10 @@ impl Bench {
         let mut runs = vec![vec![Vec::new(); TARGETS.len()]; WORKLOADS.len()];
         for (w, &(workload, args)) in WORKLOADS.iter().enumerate() {
             for round in 1..=rounds {
-                for (t, (name, port)) in TARGETS.iter().zip(ports).enumerate() {
-                    let Some(port) = port else { continue };
+                for t in rotated(TARGETS.len(), round) {
+                    let (name, Some(port)) = (TARGETS[t], ports[t]) else {
+                        continue;
+                    };
                     eprintln!("[{workload}] round {round}/{rounds} via {name} ...");
                     let pid = pids[t].as_deref();
                     let cpu_before = pid.and_then(cpu_secs);
@@ -486,10 +492,12 @@ impl Bench {
         let modes = || std::iter::once(None).chain(MODES.map(Some));
         let name =
             |m: Option<(&str, &str)>| m.map_or("direct".into(), |(m, _)| format!("tidepool {m}"));
-        let mut results: Vec<Vec<_>> = modes().map(|_| Vec::new()).collect();
-        for round in 1..=self.rounds {
-            for (i, mode) in modes().enumerate() {
-                let (name, rounds) = (name(mode), self.rounds);
+        let modes: Vec<_> = modes().collect();
+        let mut results: Vec<Vec<_>> = modes.iter().map(|_| Vec::new()).collect();
+        let rounds = self.mode_rounds;
+        for round in 1..=rounds {
+            for i in rotated(modes.len(), round) {
+                let (mode, name) = (modes[i], name(modes[i]));
                 eprintln!("[write-then-read] round {round}/{rounds} via {name} ...");
                 let routing = mode.map(|(_, routing)| routing);
                 let (warm_up, args) = (Some(scripts[0].as_str()), &scripts[1]);
@@ -499,8 +507,30 @@ impl Bench {
                 results[i].push(outcome);
             }
         }
-        consistency_table(&results, modes().map(name))
+        consistency_table(&results, modes.into_iter().map(name))
     }
+}
+
+/// The targets of one round, each round starting one later: a checkpoint or an
+/// autovacuum that follows the heaviest run then lands on every target in turn.
+fn rotated(targets: usize, round: u64) -> impl Iterator<Item = usize> {
+    (0..targets).map(move |k| (k + round as usize) % targets)
+}
+
+/// The median over rounds of `a`'s TPS over `b`'s in the same round. Load on this
+/// machine drifts by ±8% between rounds (autovacuum, checkpoints, table bloat)
+/// and moves runs that are close in time together, so pairing them by round
+/// cancels most of it; a ratio of medians mixes rounds.
+fn paired_ratio<T, E>(
+    a: &[Result<T, E>],
+    b: &[Result<T, E>],
+    tps: impl Fn(&T) -> f64,
+) -> Option<f64> {
+    let pairs = a
+        .iter()
+        .zip(b)
+        .filter_map(|(a, b)| Some(tps(a.as_ref().ok()?) / tps(b.as_ref().ok()?)));
+    median(pairs.collect())
 }
 
 fn consistency_table(
@@ -512,13 +542,12 @@ fn consistency_table(
     };
     let tps = |i| med(i, &|r| r.run.tps);
     let served = |i| med(i, &|r| 1.0 - r.on_primary());
+    let vs_eventual = |i: usize| paired_ratio(&results[i], &results[1], |r| r.run.tps);
     let mut md = String::from("\n## write-then-read: consistency modes through tidepool\n\n");
     md += &header(&["target", MODE_COLS].join(" | "));
     for (i, name) in names.enumerate() {
         let failed = results[i].iter().filter(|r| r.is_err()).count();
-        let vs = tps(i)
-            .zip(tps(1))
-            .map(|(t, e)| format!("{:+.1}%", (t / e - 1.0) * 1e2));
+        let vs = vs_eventual(i).map(|r| format!("{:+.1}%", (r - 1.0) * 1e2));
         let nodes = results[i].iter().flatten().map(|r| r.scans.len()).max();
         let per = (1..nodes.unwrap_or(1)).map(|k| pct(med(i, &|r| r.scans[k]), 0));
         let per = per.collect::<Vec<_>>().join(" / ");
@@ -540,7 +569,7 @@ fn consistency_table(
             format!("{} / {}", cell(median(lags), 2), cell(max_lag, 2)),
         ]);
     }
-    let cost = tps(2).zip(tps(1)).map(|(r, e)| (1.0 - r / e) * 1e2);
+    let cost = vs_eventual(2).map(|r| (1.0 - r) * 1e2);
     let verdict = match cost.zip(served(2)) {
         Some((c, s)) if c <= 5.0 && s >= 0.8 => "target met",
         Some(_) => "target NOT met",
@@ -634,6 +663,10 @@ fn main() {
         workers: env_u64("TIDEPOOL_BENCH_WORKERS", 1) as usize,
         secs: env_u64("TIDEPOOL_BENCH_SECS", 20),
         rounds: env_u64("TIDEPOOL_BENCH_ROUNDS", 2),
+        mode_rounds: env_u64(
+            "TIDEPOOL_BENCH_MODE_ROUNDS",
+            env_u64("TIDEPOOL_BENCH_ROUNDS", 2),
+        ),
         problems: String::new(),
     };
     let primary = bench.cluster.primary().port;
@@ -703,6 +736,7 @@ impl Bench {
         bouncer: bool,
     ) -> String {
         let (secs, rounds, cpus) = (self.secs, self.rounds, first_line("nproc", &[]));
+        let mode_rounds = self.mode_rounds;
         let workers = self.workers;
         let pgbench_version = first_line("pgbench", &["--version"]);
         let bouncer_version = match bouncer {
@@ -726,8 +760,9 @@ impl Bench {
              - Pool size {POOL_SIZE}: tidepool per node, PgBouncer per (user, db) on the primary. \
              PostgreSQL x3, both proxies and pgbench share one machine ({cpus} CPUs), so the proxies \
              compete with PostgreSQL and pgbench for CPU.\n\
-             - Median of {rounds} interleaved round(s) of {secs} s per target, after an unrecorded \
-             2 s select-only warm-up per target; TPS excludes initial connection time. \"fails \
+             - Median of {rounds} interleaved round(s) of {secs} s per target (each round starts \
+             with the next target), after an unrecorded 2 s select-only warm-up per target; ratios \
+             are medians of the per-round ratios. TPS excludes initial connection time. \"fails \
              (f/n)\": f of n runs failed (pgbench's error is in the PROBLEM lines).\n\
              - Both tidepools are `tidepool run` processes with `listen.workers = {workers}` \
              (`TIDEPOOL_BENCH_WORKERS`), PgBouncer runs on its one thread; so are the fresh \
@@ -747,14 +782,15 @@ impl Bench {
                    Debian bookworm ships 1.18.\n";
         }
         md += &format!(
-            "- Write-then-read (how, in bench/README.md): one fresh tidepool per mode, rounds \
-             interleaved. Reads on primary = Δ idx_scan of pgbench_accounts on the primary / \
+            "- Write-then-read (how, in bench/README.md): one fresh tidepool per mode, {mode_rounds} \
+             rounds interleaved; TPS vs eventual is the median of per-round ratios. Reads on primary = Δ idx_scan of pgbench_accounts on the primary / \
              transactions − 1 (the UPDATE); served by replicas = the rest. SELECTs run on \
              replicas = their Δ / transactions: above the served share, reads redone because \
              the replica had not replayed the session's floor yet. Replay lag: \
              pg_stat_replication.replay_lag, max over replicas, sampled every 0.5 s.\n\
              - {pgbench_version}; {bouncer_version}.\n\
              - Command: `TIDEPOOL_BENCH_SECS={secs} TIDEPOOL_BENCH_ROUNDS={rounds} \
+             TIDEPOOL_BENCH_MODE_ROUNDS={mode_rounds} \
              TIDEPOOL_BENCH_WORKERS={workers} cargo bench --bench pgbench`; each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS \
              postgres`, ARGS:\n"
         );
@@ -780,7 +816,8 @@ fn tables(runs: &Runs) -> String {
         let failed = runs[w][t].iter().filter(|r| r.is_err()).count();
         tps_text(tps(w, t), failed, runs[w][t].len())
     };
-    let ratio = |a: Option<f64>, b: Option<f64>| cell(a.zip(b).map(|(a, b)| a / b), 2);
+    let ratio =
+        |w: usize, t: usize| cell(paired_ratio(&runs[w][t], &runs[w][BOUNCER], |r| r.tps), 2);
     let mut md = String::from("## pgbench: direct vs tidepool vs PgBouncer\n\n");
     md += &header(&["workload", TPS_COLS].join(" | "));
     let last = WORKLOADS.len() - 1;
@@ -788,7 +825,7 @@ fn tables(runs: &Runs) -> String {
     for (w, (name, _)) in WORKLOADS.iter().enumerate().take(last) {
         let mut cells = vec![name.to_string()];
         cells.extend((0..TARGETS.len()).map(|t| tps_cell(w, t)));
-        cells.extend((1..BOUNCER).map(|t| ratio(tps(w, t), tps(w, BOUNCER))));
+        cells.extend((1..BOUNCER).map(|t| ratio(w, t)));
         cells.extend((0..TARGETS.len()).map(|t| cell(lat(w, t), 3)));
         cells.extend(proxies.clone().map(|t| cell(cpu(w, t), 0)));
         md += &row(&cells);
