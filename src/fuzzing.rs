@@ -52,7 +52,7 @@ fn inspect(frame: &Frame) {
                 Ok(sql) => inspect_sql(sql),
                 Err(_) => Intent::Write,
             };
-            let statement = Statement::new(&parse, intent);
+            let statement = Statement::new(&parse, intent, &Default::default());
             let global = Parse::decode(&statement.parse).expect("the proxy's Parse decodes");
             assert_eq!(global.name, &statement.global[..]);
             assert_eq!(global.query, parse.query);

@@ -134,6 +134,7 @@ impl Proxy {
             ),
             picker: ReplicaPicker::default(),
             cancels: CancelRegistry::new(server_tls, config.pool.connect_timeout),
+            stale_statements: Default::default(),
             stats: Default::default(),
             tls,
             busy,

@@ -405,3 +405,64 @@ async fn a_login_does_not_wait_for_a_busy_pool() {
         "latecomer"
     );
 }
+
+/// A DDL that changes a prepared statement's result type leaves every copy
+/// the servers hold dead ("cached plan must not change result type",
+/// 0A000), and clients share those copies by text. Old statements fail as
+/// they would directly (once one has met a dead copy, on every server
+/// connection), and the ones prepared again run everywhere instead of
+/// meeting another dead copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_prepared_again_after_its_result_type_changed_runs() {
+    const SQL: &str = "select * from stale_plan";
+    let h = Harness::start(SMALL_POOL).await;
+    let admin = h.connect().await;
+    admin
+        .batch_execute("create table stale_plan (a int); insert into stale_plan values (1)")
+        .await
+        .unwrap();
+    h.caught_up().await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let c = h.connect().await;
+        let s = c.prepare(SQL).await.unwrap();
+        clients.push((c, s));
+    }
+    // Every client runs it a few times at once: copies on every connection
+    // of both replicas' pools.
+    let runs = clients.iter().map(|(c, s)| async move {
+        for _ in 0..5 {
+            assert_eq!(c.query_one(s, &[]).await.unwrap().len(), 1);
+        }
+    });
+    futures_util::future::join_all(runs).await;
+
+    admin
+        .batch_execute("alter table stale_plan add column b int default 2")
+        .await
+        .unwrap();
+    h.caught_up().await;
+    let mut dead = 0;
+    for (i, (c, s)) in clients.iter().enumerate() {
+        for _ in 0..3 {
+            match c.query(s, &[]).await {
+                Err(e) => {
+                    let code = e.code().map(|c| c.code().to_owned());
+                    assert_eq!(code.as_deref(), Some("0A000"), "{e}");
+                    dead += 1;
+                }
+                Ok(_) => assert_eq!(dead, 0, "client {i} ran an old statement after a refusal"),
+            }
+        }
+    }
+    assert!(dead > 0, "no old statement met a dead copy");
+
+    let runs = clients.iter().map(|(c, _)| async move {
+        let s = c.prepare(SQL).await.unwrap();
+        for _ in 0..10 {
+            let row = c.query_one(&s, &[]).await.unwrap();
+            assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 2));
+        }
+    });
+    futures_util::future::join_all(runs).await;
+}

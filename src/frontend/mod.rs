@@ -45,6 +45,7 @@ pub struct Shared {
     pub classifier: Classifier,
     pub picker: ReplicaPicker,
     pub cancels: CancelRegistry,
+    pub stale_statements: session::StaleStatements,
     /// Per-database totals for SHOW STATS.
     pub stats: stats::Stats,
     pub tls: Option<TlsAcceptor>,

@@ -40,6 +40,7 @@ impl Session {
             fe::BIND => {
                 let bind = Bind::decode(&frame)?;
                 match self.statements.get(bind.statement).cloned() {
+                    Some(statement) if self.outdated(&statement) => self.refuse_outdated(),
                     Some(statement) => {
                         self.unit_writes |= ends_write(&statement.intent, self.client_status);
                         self.unit_copies |= statement.copies;
@@ -48,7 +49,7 @@ impl Session {
                         } else {
                             self.prepare_on_server(&statement, None).await?;
                             let renamed = bind.renamed(&statement.global);
-                            self.forward(&renamed, Kind::Bind).await?;
+                            self.forward_using(&renamed, Kind::Bind, statement).await?;
                         }
                     }
                     None => {
@@ -65,11 +66,13 @@ impl Session {
                     .then(|| self.statements.get(named.name).cloned())
                     .flatten();
                 match known {
+                    Some(statement) if self.outdated(&statement) => self.refuse_outdated(),
                     Some(statement) => {
                         self.prepare_on_server(&statement, None).await?;
                         let renamed =
                             Named::encode(fe::DESCRIBE, Target::Statement, &statement.global);
-                        self.forward(&renamed, Kind::Describe).await?;
+                        self.forward_using(&renamed, Kind::Describe, statement)
+                            .await?;
                     }
                     None => {
                         if named.target == Target::Statement && named.name.is_empty() {
@@ -169,8 +172,10 @@ impl Session {
             if self.statements.get(parse.name).is_none() {
                 let intent = std::str::from_utf8(parse.query)
                     .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
-                self.statements
-                    .insert(parse.name, Statement::new(&parse, intent));
+                self.statements.insert(
+                    parse.name,
+                    Statement::new(&parse, intent, &self.shared.stale_statements),
+                );
             }
             return self.forward(frame, Kind::Parse).await;
         }
@@ -192,10 +197,37 @@ impl Session {
         if let Some(sql) = sql {
             self.pin_if_needed_extended(sql);
         }
-        let statement = Statement::new(&parse, intent);
+        let statement = Statement::new(&parse, intent, &self.shared.stale_statements);
         self.statements.insert(parse.name, statement.clone());
         self.prepare_on_server(&statement, Some(parse.name.to_vec()))
             .await
+    }
+    /// A statement prepared before a DDL changed its result type (see
+    /// `StaleStatements`); in session mode the server itself says so.
+    fn outdated(&self, statement: &Statement) -> bool {
+        !self.names_verbatim() && self.shared.stale_statements.outdated(statement)
+    }
+    /// Answers a Bind or Describe of an outdated statement as PostgreSQL
+    /// does, and skips the rest of the batch as after any error.
+    fn refuse_outdated(&mut self) {
+        self.pending.push_synthetic(backend::error_response(
+            Severity::Error,
+            "0A000",
+            "cached plan must not change result type",
+        ));
+        self.skip_to_sync = true;
+    }
+    /// Forwards a Bind or Describe of the client's `statement`, remembered
+    /// in case the server says its copy went stale.
+    async fn forward_using(
+        &mut self,
+        frame: &Frame,
+        kind: Kind,
+        statement: Arc<Statement>,
+    ) -> Result<(), ClientError> {
+        self.send_to_server(frame).await?;
+        self.pending.push_using(kind, statement);
+        Ok(())
     }
     /// Where a Bind or Describe of statement `name` goes when it is no named
     /// statement the proxy knows: the unnamed statement's route.

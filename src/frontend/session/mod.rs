@@ -19,7 +19,7 @@ mod unit;
 pub use state::{
     ParamChange, Params, PinReason, param_change, pin_reason, starts_copy, startup_params, sync_sql,
 };
-pub use statements::Statement;
+pub use statements::{StaleStatements, Statement};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

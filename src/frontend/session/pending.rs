@@ -6,6 +6,9 @@
 //! exactly the right place in the stream.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::statements::Statement;
 
 use crate::protocol::Frame;
 use crate::protocol::backend::*;
@@ -71,6 +74,8 @@ pub enum Expect {
         visible: bool,
         undo: Option<ParseUndo>,
         capture: Option<Capture>,
+        /// The client's statement a Bind or Describe uses under its global name.
+        statement: Option<Arc<Statement>>,
     },
     /// A response the client is owed that the server will not send.
     Synthetic(Frame),
@@ -96,7 +101,27 @@ impl Pending {
             visible,
             undo: None,
             capture: None,
+            statement: None,
         });
+    }
+
+    /// A Bind or Describe of the client's statement `statement`.
+    pub fn push_using(&mut self, kind: Kind, statement: Arc<Statement>) {
+        self.queue.push_back(Expect::Reply {
+            kind,
+            visible: true,
+            undo: None,
+            capture: None,
+            statement: Some(statement),
+        });
+    }
+
+    /// The client's statement the oldest outstanding message uses, if any.
+    pub fn head_statement(&self) -> Option<&Arc<Statement>> {
+        match self.queue.front() {
+            Some(Expect::Reply { statement, .. }) => statement.as_ref(),
+            _ => None,
+        }
     }
 
     pub fn push_parse(&mut self, visible: bool, undo: ParseUndo) {
@@ -105,6 +130,7 @@ impl Pending {
             visible,
             undo: Some(undo),
             capture: None,
+            statement: None,
         });
     }
 
@@ -116,6 +142,7 @@ impl Pending {
             visible: false,
             undo,
             capture: Some(capture),
+            statement: None,
         });
     }
 

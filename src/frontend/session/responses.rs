@@ -96,6 +96,7 @@ impl Session {
                 if self.pending.head_visible() {
                     self.param_change = None;
                 }
+                let used = self.pending.head_statement().cloned();
                 let (visible, undone) = self.pending.on_error();
                 // A read found stale is redone from its first message: what
                 // it failed with on the stale replica (a table not there
@@ -111,6 +112,14 @@ impl Session {
                     self.skip_to_sync = true;
                 }
                 let fields = ErrorFields::decode(&frame).ok();
+                if let Some(statement) = used
+                    && fields.as_ref().is_some_and(|f| f.code == "0A000")
+                {
+                    // "cached plan must not change result type": this copy
+                    // is dead for good; the client's next Parse of the text
+                    // must not come back to it.
+                    self.shared.stale_statements.retire(&statement);
+                }
                 if !visible && let Some(server) = &mut self.server {
                     server.settings_unknown = true;
                     // The client's cancel met a statement the proxy put in
