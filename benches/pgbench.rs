@@ -12,7 +12,8 @@
 //! Env: `TIDEPOOL_BENCH_SECS` (per pgbench run, default 20), `TIDEPOOL_BENCH_ROUNDS`
 //! (default 2; the median per target is reported, and ratios are medians of per-round
 //! ratios), `TIDEPOOL_BENCH_MODE_ROUNDS` (rounds of the write-then-read table, default
-//! `TIDEPOOL_BENCH_ROUNDS`), `RUST_LOG` (proxy logs to stderr).
+//! `TIDEPOOL_BENCH_ROUNDS`), `TIDEPOOL_BENCH_ONLY=write-then-read` (that table alone,
+//! on a fresh cluster), `RUST_LOG` (proxy logs to stderr).
 //! The report goes to stdout and to `target/bench-pgbench.md`.
 
 use std::fs;
@@ -419,19 +420,42 @@ impl Bench {
         }
     }
 
-    /// Runs `f` while sampling the replicas' replay lag (ms) every 500 ms.
+    /// Runs `f` while sampling the replicas' replay lag (ms) every 500 ms, over one
+    /// connection: a psql started per sample (fork, exec, SCRAM) took CPU in bursts
+    /// that held up WAL replay, which read_your_writes then waited for (it cost that
+    /// mode 9% against eventual in runs by hand, 4% without the sampler).
     fn sampling_lag<T>(&self, f: impl FnOnce() -> T) -> (T, Vec<f64>) {
-        let sql = "select max(extract(epoch from replay_lag)) * 1000 from pg_stat_replication";
+        let sql =
+            "select (max(extract(epoch from replay_lag)) * 1000)::float8 from pg_stat_replication";
         let stop = AtomicBool::new(false);
+        let url = format!(
+            "host=127.0.0.1 port={} user={} password={} dbname=postgres",
+            self.cluster.primary().port,
+            self.cluster.admin_user(),
+            self.cluster.admin_password()
+        );
         std::thread::scope(|s| {
             let sampler = s.spawn(|| {
-                let mut samples = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(500));
-                    let lag = self.cluster.psql(0, sql).ok();
-                    samples.extend(lag.and_then(|v| v.parse::<f64>().ok())); // NULL: skipped
-                }
-                samples
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let runtime = runtime.expect("a runtime for the lag sampler");
+                runtime.block_on(async {
+                    let mut samples = Vec::new();
+                    let Ok((client, conn)) =
+                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                    else {
+                        return samples;
+                    };
+                    tokio::spawn(conn);
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if let Ok(row) = client.query_one(sql, &[]).await {
+                            samples.extend(row.get::<_, Option<f64>>(0)); // NULL: skipped
+                        }
+                    }
+                    samples
+                })
             });
             let out = f();
             stop.store(true, Ordering::Relaxed);
@@ -669,6 +693,11 @@ fn main() {
         ),
         problems: String::new(),
     };
+    if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("write-then-read") {
+        let md = bench.consistency();
+        println!("\n{md}");
+        return;
+    }
     let primary = bench.cluster.primary().port;
     let pool = format!("[pool]\nsize = {POOL_SIZE}\n");
     let on_primary = format!("{pool}\n[routing]\nconsistency = \"strong\"\n");
