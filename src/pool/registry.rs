@@ -139,8 +139,13 @@ impl Pools {
             servers: self.servers.clone(),
             fresh_params: Default::default(),
         };
+        // Last in, first out (deadpool's default is FIFO), as PgBouncer does:
+        // a light load keeps reusing the few connections whose backends and
+        // caches are warm, and the rest sit still long enough for
+        // `idle_timeout` to close them instead of all being cycled forever.
         let pool = Pool::builder(manager)
             .max_size(self.settings.load().size)
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .build()
             .expect("the runtime is set");
