@@ -93,7 +93,7 @@ impl StaleStatements {
 
     /// Whether `statement` was prepared before its text went stale.
     pub fn outdated(&self, statement: &Statement) -> bool {
-        self.any.load(Ordering::Relaxed) && self.generation(statement.base()) > statement.generation
+        self.generation(statement.base()) > statement.generation
     }
 
     /// The server refused to run `statement`'s copy: the text's next Parse
