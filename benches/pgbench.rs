@@ -132,6 +132,35 @@ struct ChildProxy {
     _dir: tempfile::TempDir,
 }
 
+impl ChildProxy {
+    /// The warnings and errors a tidepool logged while the bench ran (none for
+    /// PgBouncer, whose log has no `tidepool.log`), past its start: what a
+    /// failed run needs to be explained after the temp dir is gone.
+    fn warnings(&self) -> Vec<String> {
+        let log = fs::read_to_string(self._dir.path().join("tidepool.log")).unwrap_or_default();
+        let startup = ["new topology epoch", "new primary published"];
+        log.lines()
+            .map(strip_ansi)
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .filter(|l| !startup.iter().any(|s| l.contains(s)))
+            .collect()
+    }
+}
+
+/// The log's colours (tracing writes them to files too) out of a line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Drop for ChildProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -740,6 +769,15 @@ fn main() {
     let rss = [&pids[1], &pids[BOUNCER]].map(|pid| peak_rss(pid.as_deref().unwrap_or_default()));
     // Closing the pools ends their server backends, which flushes their statistics:
     // the counted runs below need quiet pgbench_accounts scan counters.
+    for (name, proxy) in ["tidepool", "tidepool→primary"].iter().zip(&proxies) {
+        let warnings = proxy.as_ref().map(ChildProxy::warnings).unwrap_or_default();
+        for line in warnings.iter().take(10) {
+            bench.problems += &format!("- PROBLEM: {name} logged: {line}\n");
+        }
+        if warnings.len() > 10 {
+            bench.problems += &format!("- PROBLEM: {name} logged {} more\n", warnings.len() - 10);
+        }
+    }
     drop(proxies);
     let mut md = tables(&runs);
     let routing = ports[1].map(|_| bench.routing_check().join("; "));
