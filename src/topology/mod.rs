@@ -346,10 +346,22 @@ impl SharedTopology {
         changed
     }
 
-    /// A session that could not reach a node takes it out of rotation at once;
-    /// the monitor brings it back when it answers again.
+    /// A session could not reach a node. A replica is taken out of rotation
+    /// at once (reads have elsewhere to go) and the monitor brings it back
+    /// when it answers again. The primary takes every write, so one failed
+    /// connect must not fail every writer until the next poll: the monitor
+    /// looks now and decides, after `failures_before_down` failed polls as
+    /// for any node.
     pub fn report_unreachable(&self, id: NodeId) {
-        if self.load().node(id).health == Health::Down {
+        let (role, health) = {
+            let topology = self.load();
+            (topology.node(id).role, topology.node(id).health)
+        };
+        if role == Role::Primary {
+            self.request_refresh();
+            return;
+        }
+        if health == Health::Down {
             return;
         }
         tracing::warn!(node = %id, "node unreachable, taken out of rotation");

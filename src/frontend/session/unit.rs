@@ -251,15 +251,7 @@ impl Session {
                     break;
                 }
                 Err(e @ CheckoutError::Connect { .. }) => {
-                    // A replica is skipped at once: reads have elsewhere to
-                    // go. The primary takes every write, so one failed
-                    // connect must not fail every writer until the next
-                    // poll; the monitor looks now and decides, after
-                    // `failures_before_down` failed polls as for any node.
-                    match role {
-                        Role::Primary => self.shared.topology.request_refresh(),
-                        _ => self.shared.topology.report_unreachable(node),
-                    }
+                    self.shared.topology.report_unreachable(node);
                     last_error = e.into();
                 }
                 Err(e) => {
