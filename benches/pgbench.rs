@@ -140,25 +140,11 @@ impl ChildProxy {
         let log = fs::read_to_string(self._dir.path().join("tidepool.log")).unwrap_or_default();
         let startup = ["new topology epoch", "new primary published"];
         log.lines()
-            .map(strip_ansi)
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
             .filter(|l| !startup.iter().any(|s| l.contains(s)))
+            .map(str::to_owned)
             .collect()
     }
-}
-
-/// The log's colours (tracing writes them to files too) out of a line.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|&c| c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Drop for ChildProxy {
@@ -298,6 +284,8 @@ fn start_tidepool(cluster: &Cluster, workers: usize, extra: &str) -> Result<Chil
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
+        // Plain log lines: `ChildProxy::warnings` reads them.
+        .env("NO_COLOR", "1")
         .spawn()
         .map_err(|e| format!("spawning tidepool: {e}"))?;
     let proxy = ChildProxy {
@@ -711,15 +699,13 @@ fn main() {
         logs.init();
     }
     let have_bouncer = ensure_pgbouncer();
+    let rounds = env_u64("TIDEPOOL_BENCH_ROUNDS", 2);
     let mut bench = Bench {
         cluster: start_cluster(),
         workers: env_u64("TIDEPOOL_BENCH_WORKERS", 1) as usize,
         secs: env_u64("TIDEPOOL_BENCH_SECS", 20),
-        rounds: env_u64("TIDEPOOL_BENCH_ROUNDS", 2),
-        mode_rounds: env_u64(
-            "TIDEPOOL_BENCH_MODE_ROUNDS",
-            env_u64("TIDEPOOL_BENCH_ROUNDS", 2),
-        ),
+        rounds,
+        mode_rounds: env_u64("TIDEPOOL_BENCH_MODE_ROUNDS", rounds),
         problems: String::new(),
     };
     if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("write-then-read") {
@@ -767,8 +753,6 @@ fn main() {
     let pids = [None, pid(&proxies[0]), pid(&proxies[1]), pid(&proxies[2])];
     let runs = bench.measure(ports, &pids);
     let rss = [&pids[1], &pids[BOUNCER]].map(|pid| peak_rss(pid.as_deref().unwrap_or_default()));
-    // Closing the pools ends their server backends, which flushes their statistics:
-    // the counted runs below need quiet pgbench_accounts scan counters.
     for (name, proxy) in ["tidepool", "tidepool→primary"].iter().zip(&proxies) {
         let warnings = proxy.as_ref().map(ChildProxy::warnings).unwrap_or_default();
         for line in warnings.iter().take(10) {
@@ -778,6 +762,8 @@ fn main() {
             bench.problems += &format!("- PROBLEM: {name} logged {} more\n", warnings.len() - 10);
         }
     }
+    // Closing the pools ends their server backends, which flushes their statistics:
+    // the counted runs below need quiet pgbench_accounts scan counters.
     drop(proxies);
     let mut md = tables(&runs);
     let routing = ports[1].map(|_| bench.routing_check().join("; "));
