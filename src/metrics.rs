@@ -85,6 +85,7 @@ pub struct Metrics {
     prepared_hits: IntCounter,
     prepared_misses: IntCounter,
     prepared_evictions: IntCounter,
+    pipelined_reads: IntCounter,
     classify_hits: IntCounter,
     classify_misses: IntCounter,
 
@@ -279,6 +280,10 @@ impl Metrics {
                 "tidepool_prepared_statement_cache_evictions_total",
                 "Prepared statements closed on a server connection to stay within pool.prepared_statements_cap",
             ),
+            pipelined_reads: b.counter(
+                "tidepool_pipelined_reads_total",
+                "Autocommit reads answered on a server connection shared with other clients' reads (pool.pipeline_depth)",
+            ),
             classify_hits: b.counter(
                 "tidepool_classify_cache_hits_total",
                 "Statement classifications answered from the cache",
@@ -456,6 +461,10 @@ impl Metrics {
 
     pub fn prepared_evicted(&self) {
         self.prepared_evictions.inc();
+    }
+
+    pub fn read_pipelined(&self) {
+        self.pipelined_reads.inc();
     }
 
     /// Copies in the state that lives elsewhere, then encodes every metric in

@@ -258,6 +258,21 @@ impl CancelHandle {
         waiter
     }
 
+    /// The client's read shares a server connection with other clients'
+    /// (`pool::lane`): a cancel wakes its session, which cancels that read
+    /// alone, rather than going to the server, which would cancel whichever
+    /// read runs.
+    pub fn set_sharing(&self) -> Arc<Notify> {
+        let waiter = Arc::new(Notify::new());
+        self.update(|entry| {
+            entry.serve_from(None);
+            entry.state = ClientState::Active;
+            entry.request_at = Some(SystemTime::now());
+            entry.waiter = Some(waiter.clone());
+        });
+        waiter
+    }
+
     fn update<R>(&self, change: impl FnOnce(&mut Entry) -> R) -> Option<R> {
         let mut entries = self.registry.entries.lock().expect("cancel lock");
         entries.get_mut(&self.key.pid).map(change)

@@ -130,6 +130,18 @@ impl ClientConn {
         self.send_bytes(frame.raw()).await
     }
 
+    /// Whole server messages, passed on as they are (errors counted).
+    pub async fn send_messages(&mut self, bytes: &bytes::Bytes) -> std::io::Result<()> {
+        for frame in frame::split_all(bytes) {
+            if frame.tag() == backend::ERROR_RESPONSE
+                && let Ok(fields) = ErrorFields::decode(&frame)
+            {
+                self.errors.count(&fields.code);
+            }
+        }
+        self.send_bytes(bytes).await
+    }
+
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.write_buf.extend_from_slice(bytes);
         if self.write_buf.len() >= WRITE_HIGH_WATER {

@@ -1,4 +1,5 @@
 //! Server connections and their pools, one pool per (node, user, database).
+pub mod lane;
 pub mod listing;
 pub mod lsn_query;
 pub mod manager;

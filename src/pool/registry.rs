@@ -10,11 +10,15 @@ use deadpool::Runtime;
 use deadpool::managed::{Pool, PoolError, Timeouts};
 
 use super::Checkout;
+use super::lane::{LaneReply, Lanes, Ticket};
 use super::listing::ServerList;
 use super::manager::ServerManager;
 use super::server::{Login, ServerError};
 use crate::config::{PoolConfig, Secret};
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::session::Params;
 use crate::metrics::Metrics;
+use crate::protocol::Frame;
 use crate::server_tls::ServerTls;
 use crate::topology::NodeId;
 
@@ -46,9 +50,29 @@ pub struct PoolHandle {
     settings: Arc<ArcSwap<PoolConfig>>,
     /// Resolved once per handle: a checkout records without a label lookup.
     wait_seconds: Option<prometheus::Histogram>,
+    lanes: Arc<Lanes>,
 }
 
 impl PoolHandle {
+    /// Runs an autocommit read on a lane (see `pool::lane`), its answer
+    /// coming back through `reply`.
+    pub fn submit_read(
+        &self,
+        params: &Params,
+        query: Frame,
+        reply: tokio::sync::mpsc::Sender<LaneReply>,
+        cancels: &CancelRegistry,
+    ) -> Ticket {
+        let settings = self.settings.load();
+        // Half the pool at most: writes and transactions, which cannot
+        // share, always find connections that lanes do not hold.
+        let max_lanes = (settings.size / 2).max(1);
+        let depth = settings.pipeline_depth;
+        drop(settings);
+        self.lanes
+            .submit(self, depth, max_lanes, params, query, reply, cancels)
+    }
+
     /// When every connection is in use and the pool is full: what a fresh
     /// connection of this pool reported at startup, if one was ever made.
     pub fn defaults_if_busy(&self) -> Option<Arc<Vec<(String, String)>>> {
@@ -97,12 +121,15 @@ impl PoolHandle {
     }
 }
 
+/// A pool and the lanes its connections carry.
+type PoolEntry = (Pool<ServerManager>, Arc<Lanes>);
+
 pub struct Pools {
     settings: Arc<ArcSwap<PoolConfig>>,
     tls: ServerTls,
     /// Every open server connection, for SHOW SERVERS.
     pub servers: ServerList,
-    pools: Mutex<HashMap<PoolKey, Pool<ServerManager>>>,
+    pools: Mutex<HashMap<PoolKey, PoolEntry>>,
     metrics: Arc<Metrics>,
 }
 
@@ -117,14 +144,14 @@ impl Pools {
         }
     }
 
-    fn pool(&self, key: &PoolKey, addr: SocketAddr, password: &Secret) -> Pool<ServerManager> {
+    fn pool(&self, key: &PoolKey, addr: SocketAddr, password: &Secret) -> PoolEntry {
         let mut pools = self.pools.lock().expect("pool map lock");
         // A user whose password a reload changed gets a new pool: the old
         // one's connections stay with the sessions that hold them and close.
-        if let Some(pool) = pools.get(key)
+        if let Some((pool, lanes)) = pools.get(key)
             && pool.manager().login.password == *password
         {
-            return pool.clone();
+            return (pool.clone(), lanes.clone());
         }
         let manager = ServerManager {
             node: key.node,
@@ -149,19 +176,27 @@ impl Pools {
             .runtime(Runtime::Tokio1)
             .build()
             .expect("the runtime is set");
-        pools.insert(key.clone(), pool.clone());
-        pool
+        let lanes = Arc::<Lanes>::default();
+        pools.insert(key.clone(), (pool.clone(), lanes.clone()));
+        (pool, lanes)
     }
 
     /// The pool for `key`, made on first use. Sessions keep the handle so
     /// that a checkout takes neither this map's lock nor a hash of the key.
     pub fn handle(&self, key: &PoolKey, addr: SocketAddr, password: &Secret) -> PoolHandle {
+        let (pool, lanes) = self.pool(key, addr, password);
         PoolHandle {
-            pool: self.pool(key, addr, password),
+            pool,
+            lanes,
             addr,
             settings: self.settings.clone(),
             wait_seconds: self.metrics.checkout_seconds(key.node),
         }
+    }
+
+    /// How many reads may share one server connection; 0 or 1: none.
+    pub fn pipeline_depth(&self) -> usize {
+        self.settings.load().pipeline_depth
     }
 
     /// Every pool's size and waiters, for a metrics scrape.
@@ -170,7 +205,7 @@ impl Pools {
             .lock()
             .expect("pool map lock")
             .iter()
-            .map(|(key, pool)| (key.clone(), pool.status()))
+            .map(|(key, (pool, _))| (key.clone(), pool.status()))
             .collect()
     }
 
@@ -190,7 +225,7 @@ impl Pools {
             .lock()
             .expect("pool map lock")
             .values()
-            .cloned()
+            .map(|(pool, _)| pool.clone())
             .collect();
         let settings = self.settings.load();
         for pool in pools {
@@ -205,7 +240,7 @@ impl Pools {
     pub fn apply(&self, settings: PoolConfig) {
         let size = settings.size;
         self.settings.store(Arc::new(settings));
-        for pool in self.pools.lock().expect("pool map lock").values() {
+        for (pool, _) in self.pools.lock().expect("pool map lock").values() {
             pool.resize(size);
         }
     }
@@ -218,7 +253,7 @@ impl Pools {
             .expect("pool map lock")
             .iter()
             .filter(|(k, _)| k.node == node)
-            .map(|(_, p)| p.clone())
+            .map(|(_, (pool, _))| pool.clone())
             .collect();
         for pool in pools {
             pool.retain(|_, _| false);

@@ -85,6 +85,23 @@ pub fn try_split(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Protoc
     }))
 }
 
+/// The whole messages at the front of `bytes`, without copying them.
+pub fn split_all(bytes: &Bytes) -> impl Iterator<Item = Frame> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let (_, total) = peek_header(&bytes[at..]).ok()??;
+        let end = at + total;
+        if end > bytes.len() {
+            return None;
+        }
+        let frame = Frame {
+            raw: bytes.slice(at..end),
+        };
+        at = end;
+        Some(frame)
+    })
+}
+
 /// Reads a big-endian i32 from the front of a body.
 pub(crate) fn get_i32(buf: &mut &[u8], what: &'static str) -> Result<i32, ProtocolError> {
     if buf.len() < 4 {

@@ -160,7 +160,7 @@ pub async fn simple_table(client: &Client, sql: &str) -> Vec<HashMap<String, Str
     client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .into_iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(r) => Some(
@@ -197,7 +197,7 @@ pub async fn simple_rows(client: &Client, sql: &str) -> Vec<String> {
     client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .into_iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("").to_owned()),

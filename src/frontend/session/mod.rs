@@ -9,6 +9,7 @@
 mod commands;
 mod consistency;
 mod extended;
+mod lane;
 mod params;
 mod pending;
 mod responses;
@@ -280,6 +281,8 @@ pub struct Session {
     unit_started: Option<std::time::Instant>,
     /// Pool handles by node, filled on first use.
     pools: Vec<Option<crate::pool::registry::PoolHandle>>,
+    /// Where lanes answer this session's reads, made on first use.
+    lane_replies: Option<Box<crate::pool::lane::Replies>>,
     shutdown: watch::Receiver<bool>,
     draining: bool,
 }
@@ -350,6 +353,7 @@ impl Session {
             prefer_replica: None,
             unit_started: None,
             pools: Vec::new(),
+            lane_replies: None,
             shutdown,
             draining: false,
         }
@@ -729,7 +733,15 @@ impl Session {
                 }
                 _ => {}
             }
-            if !self.start_unit(&intent, sql.and_then(leading_hint)).await? {
+            let hint = sql.and_then(leading_hint);
+            if intent == Intent::Read
+                && self.param_change.is_none()
+                && sql.is_some_and(|sql| !state::starts_copy(sql))
+                && self.read_on_lane(&frame, hint).await?
+            {
+                return Ok(());
+            }
+            if !self.start_unit(&intent, hint).await? {
                 return self.ready(self.client_status).await;
             }
         }

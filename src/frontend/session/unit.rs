@@ -76,24 +76,7 @@ impl Session {
         hint: Option<crate::route::hint::Hint>,
     ) -> Result<bool, ClientError> {
         wait_while_paused(self.shared.topology.clone()).await;
-        let (mut destination, mut reason) = match self.mode() {
-            PoolMode::Session => (Destination::Primary, RouteReason::SessionMode),
-            PoolMode::Transaction => destination(
-                intent,
-                hint,
-                self.route,
-                self.held_begin.as_ref().map(|h| h.read_only),
-            ),
-        };
-        let forced = self.force_primary.take();
-        if destination == Destination::Replica {
-            if let Some(fallback) = forced {
-                (destination, reason) = (Destination::Primary, RouteReason::Fallback(fallback));
-            } else if self.consistency.mode == ConsistencyMode::Strong || serializable(&self.params)
-            {
-                (destination, reason) = (Destination::Primary, RouteReason::Strong);
-            }
-        }
+        let (destination, reason) = self.route_unit(intent, hint);
         // A hinted read asked for a replica, whatever its freshness.
         let floor = (destination == Destination::Replica && hint.is_none())
             .then(|| self.consistency.floor())
@@ -125,14 +108,50 @@ impl Session {
         }
         Ok(true)
     }
-    /// Counts the unit just attached and starts its clock. A read meant for
-    /// a replica that landed on the primary is a fallback, whatever the reason
-    /// it was a read.
-    fn count_unit(&mut self, destination: Destination, mut reason: RouteReason) {
+    /// Where a new unit of work goes, and why.
+    pub(super) fn route_unit(
+        &mut self,
+        intent: &Intent,
+        hint: Option<crate::route::hint::Hint>,
+    ) -> (Destination, RouteReason) {
+        let (destination, reason) = match self.mode() {
+            PoolMode::Session => (Destination::Primary, RouteReason::SessionMode),
+            PoolMode::Transaction => destination(
+                intent,
+                hint,
+                self.route,
+                self.held_begin.as_ref().map(|h| h.read_only),
+            ),
+        };
+        let forced = self.force_primary.take();
+        if destination == Destination::Replica {
+            if let Some(fallback) = forced {
+                return (Destination::Primary, RouteReason::Fallback(fallback));
+            } else if self.consistency.mode == ConsistencyMode::Strong || serializable(&self.params)
+            {
+                return (Destination::Primary, RouteReason::Strong);
+            }
+        }
+        (destination, reason)
+    }
+    /// Counts the unit just attached and starts its clock.
+    fn count_unit(&mut self, destination: Destination, reason: RouteReason) {
         let Some(server) = &self.server else {
             return;
         };
-        if destination == Destination::Replica && server.role == Role::Primary {
+        self.count_routed(server.conn.node, server.role, destination, reason);
+        self.unit_started = Some(std::time::Instant::now());
+    }
+    /// A read meant for a replica that landed on the primary is a fallback,
+    /// whatever the reason it was a read.
+    pub(super) fn count_routed(
+        &self,
+        node: NodeId,
+        role: Role,
+        destination: Destination,
+        mut reason: RouteReason,
+    ) {
+        if destination == Destination::Replica && role == Role::Primary {
             let lagging = self
                 .shared
                 .topology
@@ -145,18 +164,15 @@ impl Session {
                 Fallback::NoReplica
             });
         }
-        self.shared
-            .metrics
-            .unit_routed(server.conn.node, server.role, reason);
+        self.shared.metrics.unit_routed(node, role, reason);
         if matches!(
             reason,
             RouteReason::Read | RouteReason::Strong | RouteReason::Fallback(_)
         ) {
             self.shared
                 .metrics
-                .read_served(self.consistency.mode, server.role == Role::Primary);
+                .read_served(self.consistency.mode, role == Role::Primary);
         }
-        self.unit_started = Some(std::time::Instant::now());
     }
     /// Attaches a server for `destination`. For reads with a `floor`, the
     /// replicas the topology already shows at or past it come first; when
@@ -285,7 +301,7 @@ impl Session {
         Ok(())
     }
 
-    fn pool_for(
+    pub(super) fn pool_for(
         &mut self,
         node: NodeId,
         addr: std::net::SocketAddr,
@@ -308,7 +324,7 @@ impl Session {
 
 /// Holds a new unit of work while a switchover pauses traffic: the client
 /// sees a pause, not an error. The pause carries its own deadline.
-async fn wait_while_paused(topology: crate::topology::SharedTopology) {
+pub(super) async fn wait_while_paused(topology: crate::topology::SharedTopology) {
     // The hot path: no pause, no subscription to topology changes.
     if topology.load().paused_until.is_none() {
         return;

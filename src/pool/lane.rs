@@ -1,0 +1,497 @@
+//! Pipelined reads: autocommit one-statement reads of different clients
+//! share a server connection at once, written back to back and answered in
+//! order, so a CPU-bound server keeps a few busy backends instead of one
+//! per client (`pool.pipeline_depth`).
+//!
+//! PostgreSQL runs simple-protocol Query messages one after another and
+//! answers each with its own ReadyForQuery; a read outside a transaction
+//! block leaves nothing behind, so the next one may be anybody's. What does
+//! not survive sharing stays off lanes: transactions, writes (their commit
+//! LSN is learned on their own connection), session state, COPY.
+//!
+//! A cancel must never reach another client's statement. A read cancelled
+//! before it runs is answered "cancelled" at once and its answer dropped
+//! when it comes (a read changes nothing). For the read running, the lane
+//! takes no more work, the reads queued behind it are handed back to their
+//! sessions to run elsewhere (they have answered nothing yet: answers come
+//! in order), and only then does the server's cancel go out; the
+//! connection is closed at the end rather than pooled, so a late cancel
+//! cannot hit a later statement.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use super::Checkout;
+use super::registry::PoolHandle;
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::session::{Params, sync_sql};
+use crate::protocol::backend::{ERROR_RESPONSE, READY_FOR_QUERY};
+use crate::protocol::{Frame, frame, frontend};
+
+/// An idle lane keeps its connection this long before handing it back to
+/// the pool: under load a lane drains between bursts, and reopening it
+/// each time would cost a checkout.
+const LINGER: Duration = Duration::from_millis(10);
+
+/// What a lane tells the session whose read it carries.
+#[derive(Debug)]
+pub struct LaneReply {
+    pub id: u64,
+    pub event: LaneEvent,
+}
+
+#[derive(Debug)]
+pub enum LaneEvent {
+    /// Whole messages of the answer; more follow.
+    Data(Bytes),
+    /// The rest of the answer, ending with its ReadyForQuery.
+    Done(Bytes),
+    /// Not run here and nothing answered: the session runs it itself.
+    Redo,
+    /// The connection failed after part of the answer went to the client.
+    Lost,
+    /// Cancelled before it ran: its answer goes to nobody.
+    Cancelled,
+}
+
+/// Where a session hears about its reads on lanes.
+pub type Replies = (mpsc::Sender<LaneReply>, mpsc::Receiver<LaneReply>);
+
+/// A read on its way, and how to cancel it.
+pub struct Ticket {
+    pub id: u64,
+    lane: mpsc::UnboundedSender<LaneMsg>,
+}
+
+impl Ticket {
+    pub fn cancel(&self) {
+        let _ = self.lane.send(LaneMsg::Cancel(self.id));
+    }
+}
+
+enum LaneMsg {
+    Run(Request),
+    Cancel(u64),
+}
+
+struct Request {
+    id: u64,
+    query: Frame,
+    reply: mpsc::Sender<LaneReply>,
+}
+
+/// The open lanes of one pool (node, user, database).
+#[derive(Default)]
+pub struct Lanes {
+    open: Mutex<Vec<Lane>>,
+    next_id: AtomicU64,
+}
+
+struct Lane {
+    serial: u64,
+    /// Session parameters its connection has: only clients with exactly
+    /// these share it.
+    params: Params,
+    tx: mpsc::UnboundedSender<LaneMsg>,
+    /// Reads sent to the lane and not yet answered in full.
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Lanes {
+    /// Puts `query` on the least busy lane of clients with `params`, or on
+    /// a new one while every lane has `depth` reads and lanes hold less than
+    /// `max_lanes` connections.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit(
+        self: &Arc<Self>,
+        pool: &PoolHandle,
+        depth: usize,
+        max_lanes: usize,
+        params: &Params,
+        query: Frame,
+        reply: mpsc::Sender<LaneReply>,
+        cancels: &CancelRegistry,
+    ) -> Ticket {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let request = LaneMsg::Run(Request { id, query, reply });
+        let mut open = self.open.lock().expect("lanes lock");
+        let least_busy = (0..open.len())
+            .filter(|&i| open[i].params == *params)
+            .min_by_key(|&i| open[i].in_flight.load(Ordering::Relaxed));
+        let room = open.len() < max_lanes;
+        let at = match least_busy {
+            Some(i) if open[i].in_flight.load(Ordering::Relaxed) < depth || !room => i,
+            _ => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let in_flight = Arc::<AtomicUsize>::default();
+                let task = LaneTask {
+                    serial: id,
+                    lanes: self.clone(),
+                    params: params.clone(),
+                    rx,
+                    in_flight: in_flight.clone(),
+                    cancels: cancels.clone(),
+                    queue: VecDeque::new(),
+                    retired: false,
+                    cancelled: false,
+                };
+                tokio::spawn(task.run(pool.clone()));
+                open.push(Lane {
+                    serial: id,
+                    params: params.clone(),
+                    tx,
+                    in_flight,
+                });
+                open.len() - 1
+            }
+        };
+        let lane = &open[at];
+        lane.in_flight.fetch_add(1, Ordering::Relaxed);
+        // A lane leaves this list, under this lock, before its task stops
+        // taking messages (and hands back what it will not run): the send
+        // fails only if the runtime is going down.
+        let _ = lane.tx.send(request);
+        Ticket {
+            id,
+            lane: lane.tx.clone(),
+        }
+    }
+
+    fn remove(&self, serial: u64) {
+        self.open
+            .lock()
+            .expect("lanes lock")
+            .retain(|lane| lane.serial != serial);
+    }
+
+    /// Removes an idle lane, unless a read came in meanwhile.
+    fn remove_if_idle(&self, serial: u64, in_flight: &AtomicUsize) -> bool {
+        let mut open = self.open.lock().expect("lanes lock");
+        if in_flight.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        open.retain(|lane| lane.serial != serial);
+        true
+    }
+}
+
+/// A read written to the server, in answer order.
+struct InFlight {
+    id: u64,
+    /// `None`: answered to nobody (the proxy's own SET, a read handed back).
+    reply: Option<mpsc::Sender<LaneReply>>,
+    /// Part of the answer went to the client.
+    answered: bool,
+    /// The proxy's own statement: an error in it leaves the connection's
+    /// settings unknown.
+    own: bool,
+}
+
+/// Why a lane stops: its connection is not reused.
+#[derive(Debug)]
+struct Broken;
+
+struct LaneTask {
+    serial: u64,
+    lanes: Arc<Lanes>,
+    params: Params,
+    rx: mpsc::UnboundedReceiver<LaneMsg>,
+    in_flight: Arc<AtomicUsize>,
+    cancels: CancelRegistry,
+    queue: VecDeque<InFlight>,
+    /// No longer among the open lanes: takes no more reads.
+    retired: bool,
+    /// A server cancel went out: the connection is closed at the end.
+    cancelled: bool,
+}
+
+impl LaneTask {
+    async fn run(mut self, pool: PoolHandle) {
+        let Some((mut conn, waiting)) = self.connect(&pool).await else {
+            return;
+        };
+        conn.clean = false;
+        let reusable = self.serve(&mut conn, waiting).await.is_ok() && !self.cancelled;
+        self.retire();
+        for read in std::mem::take(&mut self.queue) {
+            self.done(&read);
+            if let Some(reply) = read.reply {
+                let event = match read.answered {
+                    true => LaneEvent::Lost,
+                    false => LaneEvent::Redo,
+                };
+                let _ = reply.send(LaneReply { id: read.id, event }).await;
+            }
+        }
+        self.hand_back_queued();
+        if reusable {
+            conn.clean = true;
+        } else {
+            drop(deadpool::managed::Object::take(conn));
+        }
+    }
+
+    /// A server connection for the lane. The reads that come meanwhile wait
+    /// (a cancel of one answers it at once); if none can be had, they are
+    /// handed back.
+    async fn connect(&mut self, pool: &PoolHandle) -> Option<(Checkout, Vec<Request>)> {
+        let mut waiting: Vec<Request> = Vec::new();
+        let checkout = pool.checkout();
+        tokio::pin!(checkout);
+        let checkout = loop {
+            tokio::select! {
+                checkout = &mut checkout => break checkout,
+                Some(msg) = self.rx.recv() => match msg {
+                    LaneMsg::Run(request) => waiting.push(request),
+                    LaneMsg::Cancel(id) => {
+                        if let Some(at) = waiting.iter().position(|r| r.id == id) {
+                            let request = waiting.remove(at);
+                            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                            let event = LaneEvent::Cancelled;
+                            let _ = request.reply.send(LaneReply { id, event }).await;
+                        }
+                    }
+                },
+            }
+        };
+        match checkout {
+            Ok(conn) => Some((conn, waiting)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no connection for a lane");
+                self.retire();
+                for request in waiting {
+                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    redo(request).await;
+                }
+                self.hand_back_queued();
+                None
+            }
+        }
+    }
+
+    /// Writes reads as they come (`waiting` first) and hands each its
+    /// answer, until the lane sits idle past `LINGER`, or breaks.
+    async fn serve(&mut self, conn: &mut Checkout, waiting: Vec<Request>) -> Result<(), Broken> {
+        if let Some(sql) = sync_sql(&self.params, &conn.applied) {
+            conn.queue(&frontend::query(&sql))
+                .await
+                .map_err(|_| Broken)?;
+            conn.applied = self.params.clone();
+            self.queue.push_back(InFlight {
+                id: 0,
+                reply: None,
+                answered: false,
+                own: true,
+            });
+        }
+        let mut waiting = waiting.into_iter();
+        while let Some(request) = waiting.next() {
+            if self.take(conn, LaneMsg::Run(request)).await.is_err() {
+                for request in waiting {
+                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    redo(request).await;
+                }
+                return Err(Broken);
+            }
+        }
+        conn.flush().await.map_err(|_| Broken)?;
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        loop {
+            if self.queue.is_empty() {
+                if self.retired {
+                    return Ok(());
+                }
+                linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+            }
+            let server = &mut **conn;
+            if server.read_buf.capacity() - server.read_buf.len() < 8192 {
+                server.read_buf.reserve(32 * 1024);
+            }
+            tokio::select! {
+                biased;
+                read = server.stream.read_buf(&mut server.read_buf) => match read {
+                    Ok(n) if n > 0 => self.answer(conn).await?,
+                    _ => return Err(Broken),
+                },
+                msg = self.rx.recv() => {
+                    let Some(msg) = msg else { return Err(Broken) };
+                    self.take(conn, msg).await?;
+                    while let Ok(msg) = self.rx.try_recv() {
+                        self.take(conn, msg).await?;
+                    }
+                    conn.flush().await.map_err(|_| Broken)?;
+                }
+                _ = &mut linger, if self.queue.is_empty() => {
+                    if self.lanes.remove_if_idle(self.serial, &self.in_flight) {
+                        self.retired = true;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn take(&mut self, conn: &mut Checkout, msg: LaneMsg) -> Result<(), Broken> {
+        match msg {
+            LaneMsg::Run(request) if self.retired => {
+                self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                redo(request).await;
+            }
+            LaneMsg::Run(request) => {
+                // In the queue first: if the write fails, the read is
+                // handed back with the others.
+                self.queue.push_back(InFlight {
+                    id: request.id,
+                    reply: Some(request.reply),
+                    answered: false,
+                    own: false,
+                });
+                conn.queue(&request.query).await.map_err(|_| Broken)?;
+            }
+            LaneMsg::Cancel(id) => {
+                let Some(at) = self.queue.iter().position(|r| r.id == id) else {
+                    return Ok(());
+                };
+                if at > 0 {
+                    // Not running yet: its client is told now, and its
+                    // answer, when it comes, goes to nobody.
+                    if let Some(reply) = self.queue[at].reply.take() {
+                        let event = LaneEvent::Cancelled;
+                        let _ = reply.send(LaneReply { id, event }).await;
+                    }
+                    return Ok(());
+                }
+                self.retire();
+                for read in self.queue.iter_mut().skip(1) {
+                    if let Some(reply) = read.reply.take() {
+                        let event = LaneEvent::Redo;
+                        let _ = reply.send(LaneReply { id: read.id, event }).await;
+                    }
+                }
+                self.cancelled = true;
+                let (cancels, addr, key) = (self.cancels.clone(), conn.addr, conn.key);
+                tokio::spawn(async move { cancels.send_cancel(addr, key).await });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every whole message read so far to the read it answers.
+    async fn answer(&mut self, conn: &mut Checkout) -> Result<(), Broken> {
+        let mut end = 0;
+        loop {
+            let buf = &conn.read_buf[end..];
+            let Some((tag, total)) = frame::peek_header(buf).map_err(|_| Broken)? else {
+                break;
+            };
+            if buf.len() < total {
+                break;
+            }
+            let head = self.queue.front_mut().ok_or(Broken)?;
+            if tag == ERROR_RESPONSE && (head.own || is_fatal(&buf[..total])) {
+                // The server is going away, or the connection's settings
+                // are not what the lane says: the reads not yet answered
+                // run elsewhere.
+                return Err(Broken);
+            }
+            end += total;
+            if tag != READY_FOR_QUERY {
+                continue;
+            }
+            let idle = conn.read_buf[end - 1] == b'I';
+            let bytes = conn.read_buf.split_to(end).freeze();
+            end = 0;
+            let read = self.queue.pop_front().expect("head checked");
+            self.done(&read);
+            if let Some(reply) = read.reply {
+                let event = LaneEvent::Done(bytes);
+                let _ = reply.send(LaneReply { id: read.id, event }).await;
+            }
+            if !idle {
+                // A read left a transaction open: nothing else may follow it.
+                return Err(Broken);
+            }
+        }
+        if end > 0 {
+            let bytes = conn.read_buf.split_to(end).freeze();
+            let head = self.queue.front_mut().expect("answered above");
+            if let Some(reply) = &head.reply {
+                head.answered = true;
+                let event = LaneEvent::Data(bytes);
+                if reply.send(LaneReply { id: head.id, event }).await.is_err() {
+                    // The client went away: the rest of its answer is dropped.
+                    head.reply = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A client's read leaves the lane (answered, handed back or lost).
+    fn done(&self, read: &InFlight) {
+        if !read.own {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn retire(&mut self) {
+        if !self.retired {
+            self.retired = true;
+            self.lanes.remove(self.serial);
+        }
+    }
+
+    /// Reads submitted but never written, after the lane retired.
+    fn hand_back_queued(&mut self) {
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            if let LaneMsg::Run(request) = msg {
+                self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                tokio::spawn(redo(request));
+            }
+        }
+    }
+}
+
+async fn redo(request: Request) {
+    let event = LaneEvent::Redo;
+    let id = request.id;
+    let _ = request.reply.send(LaneReply { id, event }).await;
+}
+
+/// Whether an ErrorResponse ends the connection (FATAL or PANIC).
+fn is_fatal(message: &[u8]) -> bool {
+    let mut fields = &message[Frame::HEADER_LEN.min(message.len())..];
+    while let Some((&kind, rest)) = fields.split_first() {
+        let Some(nul) = rest.iter().position(|&b| b == 0) else {
+            return false;
+        };
+        let value = &rest[..nul];
+        if kind == b'V' || kind == b'S' {
+            return value == b"FATAL" || value == b"PANIC";
+        }
+        fields = &rest[nul + 1..];
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::{Severity, error_response};
+
+    #[test]
+    fn a_fatal_error_is_told_from_an_ordinary_one() {
+        let fatal = error_response(Severity::Fatal, "57P01", "terminating connection");
+        let error = error_response(Severity::Error, "42P01", "no such table");
+        assert!(is_fatal(fatal.raw()));
+        assert!(!is_fatal(error.raw()));
+    }
+}

@@ -1,0 +1,180 @@
+//! Pipelined reads (`pool.pipeline_depth`): autocommit reads of different
+//! clients share server connections, and no client can tell: each gets its
+//! own answer, its own settings, its own errors and cancels.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{Harness, http, simple_value, sqlstate};
+
+const ONE_CONNECTION: &str =
+    "[pool]\nsize = 1\npipeline_depth = 8\n\n[routing]\nconsistency = \"eventual\"\n";
+const PIPELINED: &str =
+    "[pool]\nsize = 2\npipeline_depth = 8\n\n[routing]\nconsistency = \"eventual\"\n";
+const ON_PRIMARY: &str = "/* tidepool: primary */";
+
+/// A read-only transaction left open on a replica: a read alone takes a
+/// connection of its own (nobody to share with), so the tests keep one
+/// unit of work running for as long as they need reads to share.
+async fn someone_else_busy(h: &Harness) -> (tokio_postgres::Client, String) {
+    let c = h.connect().await;
+    c.simple_query("BEGIN READ ONLY").await.unwrap();
+    let pid = simple_value(&c, "SELECT pg_backend_pid()").await;
+    (c, pid)
+}
+
+async fn pipelined_reads(h: &Harness) -> u64 {
+    let metrics = http::get(h.proxy().admin_addr(), "/metrics").await.body;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidepool_pipelined_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("tidepool_pipelined_reads_total")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_client_gets_its_own_answers_settings_and_errors() {
+    let h = Harness::start(PIPELINED).await;
+    let (_busy, _) = someone_else_busy(&h).await;
+    let mut tasks = Vec::new();
+    for client in 0..20 {
+        let c = h.connect().await;
+        tasks.push(tokio::spawn(async move {
+            let name = format!("client{client}");
+            c.simple_query(&format!("SET application_name = '{name}'"))
+                .await
+                .unwrap();
+            let mut servers = HashSet::new();
+            for round in 0..40 {
+                let sql = format!(
+                    "SELECT concat_ws('|', {client}, {round}, current_setting('application_name'), \
+                     inet_server_port(), pg_backend_pid())"
+                );
+                let row = simple_value(&c, &sql).await;
+                let fields: Vec<&str> = row.split('|').collect();
+                assert_eq!(
+                    fields[..3],
+                    [&*client.to_string(), &*round.to_string(), &*name]
+                );
+                servers.insert((fields[3].to_owned(), fields[4].to_owned()));
+                if round % 10 == 3 {
+                    let e = c.simple_query("SELECT 1/0").await.unwrap_err();
+                    assert_eq!(sqlstate(&e), "22012");
+                }
+            }
+            assert_eq!(simple_value(&c, "SHOW application_name").await, name);
+            servers
+        }));
+    }
+    let mut backends = HashSet::new();
+    for t in tasks {
+        backends.extend(t.await.unwrap());
+    }
+    assert!(
+        backends.len() <= 4,
+        "2 replicas x pool size 2, saw {backends:?}"
+    );
+    let replicas: HashSet<String> = h.replica_ports().iter().map(u16::to_string).collect();
+    assert!(backends.iter().all(|(port, _)| replicas.contains(port)));
+    assert!(pipelined_reads(&h).await >= 20 * 40);
+}
+
+/// One connection per node, so that both reads share it: cancelling the
+/// running one leaves the one queued behind it untouched, and cancelling a
+/// queued one does not wait for the one ahead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_reaches_only_the_read_it_was_meant_for() {
+    let h = Harness::start(ONE_CONNECTION).await;
+    let (_busy, _) = someone_else_busy(&h).await;
+    let slow = h.connect().await;
+    let queued = h.connect().await;
+    let token = slow.cancel_token();
+    let started = Instant::now();
+    let running = tokio::spawn(async move {
+        slow.simple_query(&format!("{ON_PRIMARY} SELECT pg_sleep(5)"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let behind = tokio::spawn(async move {
+        let answer = simple_value(&queued, &format!("{ON_PRIMARY} SELECT 42")).await;
+        (answer, queued)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = running.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+    let (answer, queued) = behind.await.unwrap();
+    assert_eq!(answer, "42");
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    let blocker = h.connect().await;
+    let token = queued.cancel_token();
+    let started = Instant::now();
+    let ahead = tokio::spawn(async move {
+        simple_value(
+            &blocker,
+            &format!("{ON_PRIMARY} SELECT pg_sleep(2)::text || 'done'"),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancelled =
+        tokio::spawn(async move { queued.simple_query(&format!("{ON_PRIMARY} SELECT 7")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = cancelled.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert_eq!(ahead.await.unwrap(), "done");
+    assert!(pipelined_reads(&h).await >= 2);
+}
+
+/// Killing the replica backends that carry shared reads: every read is
+/// answered, the unanswered ones run again on fresh connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_on_a_lost_connection_are_run_again() {
+    let h = Harness::start(PIPELINED).await;
+    let (_busy, busy_pid) = someone_else_busy(&h).await;
+    let mut replicas = Vec::new();
+    for port in h.replica_ports() {
+        let url = format!(
+            "host=127.0.0.1 port={port} user=postgres password={} dbname=postgres",
+            h.cluster.admin_password()
+        );
+        replicas.push(common::connect(&url).await.unwrap());
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for client in 0..10 {
+        let c = h.connect().await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sql = format!("SELECT {client} * 1000000 + {round}");
+                let answer = simple_value(&c, &sql).await;
+                assert_eq!(answer, (client * 1_000_000 + round).to_string());
+                round += 1;
+            }
+            round
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let kill = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = 'app' AND pid <> {busy_pid}"
+        );
+        for replica in &replicas {
+            replica.simple_query(&kill).await.unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        assert!(t.await.unwrap() > 0);
+    }
+    assert!(pipelined_reads(&h).await > 0);
+}
