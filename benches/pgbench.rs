@@ -30,6 +30,11 @@ const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 /// Server connections per node (tidepool) and per (user, db) (PgBouncer): the same
 /// number, and equal to the client count, so neither proxy makes clients queue.
 const POOL_SIZE: usize = 16;
+/// `pool.pipeline_depth` of the two tidepools of the throughput tables: on
+/// this box, where PostgreSQL is CPU-bound, reads of different clients
+/// share a few server connections. The write-then-read table runs without
+/// it, so that it compares the consistency modes alone.
+const PIPELINE_DEPTH: usize = 8;
 /// tidepool twice: as deployed (reads to the replicas) and with every statement
 /// on the primary (`consistency = "strong"`), which does exactly PgBouncer's work.
 const TARGETS: [&str; 4] = ["direct", "tidepool", "tidepool→primary", "pgbouncer"];
@@ -714,7 +719,7 @@ fn main() {
         return;
     }
     let primary = bench.cluster.primary().port;
-    let pool = format!("[pool]\nsize = {POOL_SIZE}\n");
+    let pool = format!("[pool]\nsize = {POOL_SIZE}\npipeline_depth = {PIPELINE_DEPTH}\n");
     let on_primary = format!("{pool}\n[routing]\nconsistency = \"strong\"\n");
     let mut skip = |what: &str, e: String| {
         eprintln!("{what} did not start, no column for it: {e}");
@@ -819,7 +824,9 @@ impl Bench {
              (f/n)\": f of n runs failed (pgbench's error is in the PROBLEM lines).\n\
              - Both tidepools are `tidepool run` processes with `listen.workers = {workers}` \
              (`TIDEPOOL_BENCH_WORKERS`), PgBouncer runs on its one thread; so are the fresh \
-             tidepools of the counted runs below.\n\
+             tidepools of the counted runs below. Both have `pool.pipeline_depth = \
+             {PIPELINE_DEPTH}`: autocommit reads of different clients share server connections, \
+             up to {PIPELINE_DEPTH} in flight on one (the write-then-read table runs without).\n\
              - Peak RSS (VmHWM): tidepool {} (the `tidepool run` process), PgBouncer {}. Proxy CPU µs/txn: user + system CPU time of \
              the proxy process during the run / transactions.\n",
             routing.unwrap_or("n/a"),

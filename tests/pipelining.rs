@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{Harness, http, simple_value, sqlstate};
+use tokio_postgres::types::Type;
 
 const ONE_CONNECTION: &str =
     "[pool]\nsize = 1\npipeline_depth = 8\n\n[routing]\nconsistency = \"eventual\"\n";
@@ -59,9 +60,29 @@ async fn each_client_gets_its_own_answers_settings_and_errors() {
                     [&*client.to_string(), &*round.to_string(), &*name]
                 );
                 servers.insert((fields[3].to_owned(), fields[4].to_owned()));
+                // The extended protocol, unnamed statement (Parse, Bind,
+                // Describe, Execute, Sync in one batch).
+                let value = client * 1000 + round;
+                let row = c
+                    .query_typed_one(
+                        "SELECT $1::int + 1, current_setting('application_name')",
+                        &[(&value, Type::INT4)],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(row.get::<_, i32>(0), value + 1);
+                assert_eq!(row.get::<_, String>(1), name);
                 if round % 10 == 3 {
                     let e = c.simple_query("SELECT 1/0").await.unwrap_err();
                     assert_eq!(sqlstate(&e), "22012");
+                    let zero = 0;
+                    let e = c
+                        .query_typed("SELECT 1/$1::int", &[(&zero, Type::INT4)])
+                        .await
+                        .unwrap_err();
+                    assert_eq!(sqlstate(&e), "22012");
+                    let e = c.query_typed("SELEC 1", &[]).await.unwrap_err();
+                    assert_eq!(sqlstate(&e), "42601");
                 }
             }
             assert_eq!(simple_value(&c, "SHOW application_name").await, name);
@@ -78,7 +99,7 @@ async fn each_client_gets_its_own_answers_settings_and_errors() {
     );
     let replicas: HashSet<String> = h.replica_ports().iter().map(u16::to_string).collect();
     assert!(backends.iter().all(|(port, _)| replicas.contains(port)));
-    assert!(pipelined_reads(&h).await >= 20 * 40);
+    assert!(pipelined_reads(&h).await >= 20 * 40 * 2);
 }
 
 /// One connection per node, so that both reads share it: cancelling the

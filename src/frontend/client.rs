@@ -107,6 +107,16 @@ impl ClientConn {
         frame::try_split(&mut self.read_buf, max)
     }
 
+    /// Bytes received and not yet taken as messages.
+    pub fn buffered(&self) -> &[u8] {
+        &self.read_buf
+    }
+
+    /// Drops `n` buffered bytes, whose messages were handled whole.
+    pub fn consume(&mut self, n: usize) {
+        bytes::Buf::advance(&mut self.read_buf, n);
+    }
+
     /// Waits for the next complete message; `None` when the client went away.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ClientReadError> {
         loop {

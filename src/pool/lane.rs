@@ -82,7 +82,8 @@ enum LaneMsg {
 
 struct Request {
     id: u64,
-    query: Frame,
+    /// Whole messages, ending where the server answers ReadyForQuery.
+    messages: Bytes,
     reply: mpsc::Sender<LaneReply>,
 }
 
@@ -114,12 +115,16 @@ impl Lanes {
         depth: usize,
         max_lanes: usize,
         params: &Params,
-        query: Frame,
+        messages: Bytes,
         reply: mpsc::Sender<LaneReply>,
         cancels: &CancelRegistry,
     ) -> Ticket {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let request = LaneMsg::Run(Request { id, query, reply });
+        let request = LaneMsg::Run(Request {
+            id,
+            messages,
+            reply,
+        });
         let mut open = self.open.lock().expect("lanes lock");
         let least_busy = (0..open.len())
             .filter(|&i| open[i].params == *params)
@@ -353,7 +358,9 @@ impl LaneTask {
                     answered: false,
                     own: false,
                 });
-                conn.queue(&request.query).await.map_err(|_| Broken)?;
+                conn.queue_bytes(&request.messages)
+                    .await
+                    .map_err(|_| Broken)?;
             }
             LaneMsg::Cancel(id) => {
                 let Some(at) = self.queue.iter().position(|r| r.id == id) else {

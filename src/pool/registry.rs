@@ -18,7 +18,6 @@ use crate::config::{PoolConfig, Secret};
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::session::Params;
 use crate::metrics::Metrics;
-use crate::protocol::Frame;
 use crate::server_tls::ServerTls;
 use crate::topology::NodeId;
 
@@ -59,7 +58,7 @@ impl PoolHandle {
     pub fn submit_read(
         &self,
         params: &Params,
-        query: Frame,
+        messages: bytes::Bytes,
         reply: tokio::sync::mpsc::Sender<LaneReply>,
         cancels: &CancelRegistry,
     ) -> Ticket {
@@ -70,7 +69,7 @@ impl PoolHandle {
         let depth = settings.pipeline_depth;
         drop(settings);
         self.lanes
-            .submit(self, depth, max_lanes, params, query, reply, cancels)
+            .submit(self, depth, max_lanes, params, messages, reply, cancels)
     }
 
     /// When every connection is in use and the pool is full: what a fresh

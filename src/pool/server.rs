@@ -231,7 +231,12 @@ impl ServerConnection {
 
     /// Queues a message; it leaves at the next `flush`, or now if much is queued.
     pub async fn queue(&mut self, frame: &Frame) -> Result<(), ServerError> {
-        self.write_buf.extend_from_slice(frame.raw());
+        self.queue_bytes(frame.raw()).await
+    }
+
+    /// `queue` for whole messages already framed.
+    pub async fn queue_bytes(&mut self, messages: &[u8]) -> Result<(), ServerError> {
+        self.write_buf.extend_from_slice(messages);
         if self.write_buf.len() >= 64 * 1024 {
             self.flush().await?;
         }

@@ -1,7 +1,9 @@
 //! A read run on a lane (`pool::lane`), sharing a server connection with
-//! other clients' reads: a one-statement autocommit read, from a session
-//! that needs nothing of a connection but its parameters.
+//! other clients' reads: a one-statement autocommit read (a simple Query,
+//! or an unnamed Parse/Bind/Describe/Execute batch with its Sync), from a
+//! session that needs nothing of a connection but its parameters.
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::unit::wait_while_paused;
@@ -12,8 +14,12 @@ use crate::route::hint::Hint;
 /// Answers a lane may queue for the session before it reads them.
 const LANE_REPLIES: usize = 8;
 
+/// An extended batch bigger than this keeps the ordinary path.
+const BATCH_LIMIT: usize = 64 * 1024;
+
 enum Outcome {
-    Answered,
+    /// With the tag of the first message of the answer.
+    Answered(Option<u8>),
     HandedBack,
     Lost,
     Cancelled,
@@ -28,11 +34,56 @@ impl Session {
         query: &Frame,
         hint: Option<Hint>,
     ) -> Result<bool, ClientError> {
+        let ran = self.on_lane(query.raw().clone(), hint).await?.is_some();
+        if ran {
+            // A simple query destroys the unnamed statement, wherever it ran.
+            self.unnamed = None;
+        }
+        Ok(ran)
+    }
+
+    /// An unnamed Parse of a read whose batch (Binds, Describes and
+    /// Executes of the unnamed statement and portal, then Sync) has
+    /// already arrived whole: the batch runs on a lane, as one read.
+    pub(super) async fn batch_on_lane(
+        &mut self,
+        parse: &Frame,
+        intent: &Intent,
+    ) -> Result<bool, ClientError> {
+        if *intent != Intent::Read {
+            return Ok(false);
+        }
+        let Some(rest) = unnamed_batch(self.client.buffered()) else {
+            return Ok(false);
+        };
+        let mut batch = BytesMut::with_capacity(parse.raw().len() + rest);
+        batch.extend_from_slice(parse.raw());
+        batch.extend_from_slice(&self.client.buffered()[..rest]);
+        let Some(first) = self.on_lane(batch.freeze(), None).await? else {
+            return Ok(false);
+        };
+        self.client.consume(rest);
+        // PostgreSQL drops the unnamed statement before parsing the new
+        // one: it exists now only if the Parse succeeded.
+        self.unnamed = (first == Some(backend::PARSE_COMPLETE)).then(|| Unnamed {
+            parse: Frame::build(fe::PARSE, |b| b.extend_from_slice(parse.body())),
+            intent: Intent::Read,
+        });
+        Ok(true)
+    }
+
+    /// Runs `messages` on a lane; `None` when not taken, else the tag of
+    /// the answer's first message (`None` if the proxy answered).
+    async fn on_lane(
+        &mut self,
+        messages: Bytes,
+        hint: Option<Hint>,
+    ) -> Result<Option<Option<u8>>, ClientError> {
         // A read alone has nobody to share with: a lane would only add
         // the hops to its task.
         let alone = self.shared.busy.load(std::sync::atomic::Ordering::Relaxed) == 0;
         if alone || self.shared.pools.pipeline_depth() < 2 || !self.may_share_a_connection() {
-            return Ok(false);
+            return Ok(None);
         }
         wait_while_paused(self.shared.topology.clone()).await;
         let (destination, reason) = self.route_unit(&Intent::Read, hint);
@@ -43,20 +94,20 @@ impl Session {
         let (node, addr, role) = {
             let topology = self.shared.topology.load();
             if destination == Destination::Primary && topology.writes_refused.is_some() {
-                return Ok(false);
+                return Ok(None);
             }
             let candidates =
                 self.shared
                     .picker
                     .candidates_with_floor(&topology, destination, floor);
             let Some(&id) = candidates.first() else {
-                return Ok(false);
+                return Ok(None);
             };
             let node = topology.node(id);
             // Read-your-writes with no replica known past the session's
             // floor: the probe, and the wait, need a connection of its own.
             if floor.is_some() && node.role != Role::Replica {
-                return Ok(false);
+                return Ok(None);
             }
             (id, node.addr, node.role)
         };
@@ -71,13 +122,9 @@ impl Session {
             .lane_replies
             .get_or_insert_with(|| Box::new(mpsc::channel(LANE_REPLIES)))
             .as_mut();
-        let ticket = pool.submit_read(
-            &self.params,
-            query.clone(),
-            tx.clone(),
-            &self.shared.cancels,
-        );
+        let ticket = pool.submit_read(&self.params, messages, tx.clone(), &self.shared.cancels);
         let mut cancel_asked = false;
+        let mut first = None;
         let outcome = loop {
             let reply = tokio::select! {
                 reply = rx.recv() => reply,
@@ -93,13 +140,16 @@ impl Session {
             if id != ticket.id {
                 continue;
             }
+            if let LaneEvent::Data(bytes) | LaneEvent::Done(bytes) = &event {
+                first = first.or(bytes.first().copied());
+            }
             match event {
                 LaneEvent::Data(bytes) => self.client.send_messages(&bytes).await?,
                 LaneEvent::Done(bytes) => {
                     // A read outside a transaction block ends idle (a lane
                     // breaks, after this answer, on one that does not).
                     self.client.send_messages(&bytes).await?;
-                    break Outcome::Answered;
+                    break Outcome::Answered(first);
                 }
                 LaneEvent::Redo => break Outcome::HandedBack,
                 LaneEvent::Lost => break Outcome::Lost,
@@ -108,7 +158,7 @@ impl Session {
         };
         self.cancel.set_target(None);
         match outcome {
-            Outcome::HandedBack if !cancel_asked => return Ok(false),
+            Outcome::HandedBack if !cancel_asked => return Ok(None),
             // The cancel came before the read ran: it is the one cancelled,
             // as when a client waits for a connection.
             Outcome::HandedBack | Outcome::Cancelled => {
@@ -125,17 +175,16 @@ impl Session {
                 self.client.send(&error).await?;
                 self.ready(TxStatus::Idle).await?;
             }
-            Outcome::Answered => {
+            Outcome::Answered(first) => {
                 self.count_routed(node, role, destination, reason);
                 let took = started.elapsed();
                 self.shared.metrics.unit_done(role, took);
                 self.shared.metrics.read_pipelined();
                 self.stats.transaction_done(took);
+                return Ok(Some(first));
             }
         }
-        // A simple query destroys the unnamed statement, wherever it ran.
-        self.unnamed = None;
-        Ok(true)
+        Ok(Some(None))
     }
 
     /// Nothing about the session needs a server connection of its own: in
@@ -152,5 +201,60 @@ impl Session {
             && self.prefer_replica.is_none()
             && self.limits.query.is_none()
             && !self.consistency.tracks_reads()
+    }
+}
+
+/// The length of the messages at the front of `buf` that complete an
+/// unnamed statement's batch: Bind, Describe and Execute of the unnamed
+/// statement and portal only, up to and including Sync.
+fn unnamed_batch(buf: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let (tag, total) = frame::peek_header(&buf[at..]).ok()??;
+        if at + total > buf.len().min(BATCH_LIMIT) {
+            return None;
+        }
+        let body = &buf[at + Frame::HEADER_LEN..at + total];
+        let unnamed = match tag {
+            fe::BIND => body.starts_with(&[0, 0]),
+            fe::DESCRIBE => matches!(body, [b'S' | b'P', 0]),
+            fe::EXECUTE => body.first() == Some(&0),
+            fe::SYNC => return Some(at + total),
+            _ => false,
+        };
+        if !unnamed {
+            return None;
+        }
+        at += total;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(frames: &[Frame]) -> Vec<u8> {
+        frames.iter().flat_map(|f| f.raw().to_vec()).collect()
+    }
+
+    #[test]
+    fn only_a_whole_batch_of_the_unnamed_statement_is_taken() {
+        let bind = fe::bind_no_params(b"");
+        let describe = Named::encode(fe::DESCRIBE, Target::Portal, b"");
+        let execute = fe::execute_all();
+        let whole = batch(&[bind.clone(), describe.clone(), execute.clone(), fe::sync()]);
+        assert_eq!(unnamed_batch(&whole), Some(whole.len()));
+        let more = [whole.clone(), fe::query("SELECT 1").raw().to_vec()].concat();
+        assert_eq!(unnamed_batch(&more), Some(whole.len()));
+        assert_eq!(unnamed_batch(&whole[..whole.len() - 1]), None);
+        let named = Named::encode(fe::DESCRIBE, Target::Statement, b"s1");
+        let to_named = fe::bind_no_params(b"s1");
+        assert_eq!(unnamed_batch(&batch(&[to_named, fe::sync()])), None);
+        assert_eq!(
+            unnamed_batch(&batch(&[bind, named, execute, fe::sync()])),
+            None
+        );
+        let flush = Frame::build(fe::FLUSH, |_| {});
+        assert_eq!(unnamed_batch(&batch(&[flush, fe::sync()])), None);
     }
 }
