@@ -143,10 +143,17 @@ impl ChildProxy {
     /// failed run needs to be explained after the temp dir is gone.
     fn warnings(&self) -> Vec<String> {
         let log = fs::read_to_string(self._dir.path().join("tidepool.log")).unwrap_or_default();
-        let startup = ["new topology epoch", "new primary published"];
+        // Logged once at start; a second one is news (an epoch mid-run).
+        let mut startup = vec!["new topology epoch", "new primary published"];
         log.lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-            .filter(|l| !startup.iter().any(|s| l.contains(s)))
+            .filter(|l| match startup.iter().position(|s| l.contains(s)) {
+                Some(i) => {
+                    startup.remove(i);
+                    false
+                }
+                None => true,
+            })
             .map(str::to_owned)
             .collect()
     }

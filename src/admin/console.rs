@@ -433,6 +433,7 @@ fn config(shared: &Shared) -> Vec<Frame> {
         ("listen.workers", c.listen.workers.to_string()),
         ("pool.mode", c.pool.mode.as_str().to_owned()),
         ("pool.size", c.pool.size.to_string()),
+        ("pool.pipeline_depth", c.pool.pipeline_depth.to_string()),
         (
             "routing.consistency",
             c.routing.consistency.as_str().to_owned(),

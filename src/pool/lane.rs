@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use super::Checkout;
-use super::registry::PoolHandle;
+use super::registry::{CheckoutError, PoolHandle};
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::session::{Params, sync_sql};
 use crate::protocol::backend::{ERROR_RESPONSE, READY_FOR_QUERY};
@@ -72,6 +72,13 @@ pub struct Ticket {
 impl Ticket {
     pub fn cancel(&self) {
         let _ = self.lane.send(LaneMsg::Cancel(self.id));
+    }
+
+    /// Resolves once the lane's task has ended. Every read it took was
+    /// answered before, so a session still waiting then lost its read to a
+    /// bug in the lane (a panic): it stops waiting.
+    pub async fn lane_gone(&self) {
+        self.lane.closed().await
     }
 }
 
@@ -143,6 +150,7 @@ impl Lanes {
                     in_flight: in_flight.clone(),
                     cancels: cancels.clone(),
                     queue: VecDeque::new(),
+                    waiting: VecDeque::new(),
                     retired: false,
                     cancelled: false,
                 };
@@ -210,6 +218,8 @@ struct LaneTask {
     in_flight: Arc<AtomicUsize>,
     cancels: CancelRegistry,
     queue: VecDeque<InFlight>,
+    /// Reads that came while the lane waited for its connection.
+    waiting: VecDeque<Request>,
     /// No longer among the open lanes: takes no more reads.
     retired: bool,
     /// A server cancel went out: the connection is closed at the end.
@@ -218,11 +228,17 @@ struct LaneTask {
 
 impl LaneTask {
     async fn run(mut self, pool: PoolHandle) {
-        let Some((mut conn, waiting)) = self.connect(&pool).await else {
-            return;
+        let mut conn = match self.connect(&pool).await {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                tracing::debug!(error = %e, "no connection for a lane");
+                None
+            }
         };
-        conn.clean = false;
-        let reusable = self.serve(&mut conn, waiting).await.is_ok() && !self.cancelled;
+        let reusable = match &mut conn {
+            Some(conn) => self.serve(conn).await.is_ok() && !self.cancelled,
+            None => false,
+        };
         self.retire();
         for read in std::mem::take(&mut self.queue) {
             self.done(&read);
@@ -234,29 +250,31 @@ impl LaneTask {
                 let _ = reply.send(LaneReply { id: read.id, event }).await;
             }
         }
-        self.hand_back_queued();
-        if reusable {
-            conn.clean = true;
-        } else {
-            drop(deadpool::managed::Object::take(conn));
+        for request in std::mem::take(&mut self.waiting) {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            redo(request).await;
+        }
+        self.hand_back_queued().await;
+        match conn {
+            Some(mut conn) if reusable => conn.clean = true,
+            Some(conn) => drop(deadpool::managed::Object::take(conn)),
+            None => {}
         }
     }
 
-    /// A server connection for the lane. The reads that come meanwhile wait
-    /// (a cancel of one answers it at once); if none can be had, they are
-    /// handed back.
-    async fn connect(&mut self, pool: &PoolHandle) -> Option<(Checkout, Vec<Request>)> {
-        let mut waiting: Vec<Request> = Vec::new();
+    /// A server connection for the lane. The reads that come meanwhile
+    /// wait (a cancel of one answers it at once).
+    async fn connect(&mut self, pool: &PoolHandle) -> Result<Checkout, CheckoutError> {
         let checkout = pool.checkout();
         tokio::pin!(checkout);
-        let checkout = loop {
+        loop {
             tokio::select! {
-                checkout = &mut checkout => break checkout,
+                checkout = &mut checkout => return checkout,
                 Some(msg) = self.rx.recv() => match msg {
-                    LaneMsg::Run(request) => waiting.push(request),
+                    LaneMsg::Run(request) => self.waiting.push_back(request),
                     LaneMsg::Cancel(id) => {
-                        if let Some(at) = waiting.iter().position(|r| r.id == id) {
-                            let request = waiting.remove(at);
+                        if let Some(at) = self.waiting.iter().position(|r| r.id == id) {
+                            let request = self.waiting.remove(at).expect("found");
                             self.in_flight.fetch_sub(1, Ordering::Relaxed);
                             let event = LaneEvent::Cancelled;
                             let _ = request.reply.send(LaneReply { id, event }).await;
@@ -264,25 +282,14 @@ impl LaneTask {
                     }
                 },
             }
-        };
-        match checkout {
-            Ok(conn) => Some((conn, waiting)),
-            Err(e) => {
-                tracing::debug!(error = %e, "no connection for a lane");
-                self.retire();
-                for request in waiting {
-                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    redo(request).await;
-                }
-                self.hand_back_queued();
-                None
-            }
         }
     }
 
-    /// Writes reads as they come (`waiting` first) and hands each its
-    /// answer, until the lane sits idle past `LINGER`, or breaks.
-    async fn serve(&mut self, conn: &mut Checkout, waiting: Vec<Request>) -> Result<(), Broken> {
+    /// Writes reads as they come (those that waited for the connection
+    /// first) and hands each its answer, until the lane sits idle past
+    /// `LINGER`, or breaks.
+    async fn serve(&mut self, conn: &mut Checkout) -> Result<(), Broken> {
+        conn.clean = false;
         if let Some(sql) = sync_sql(&self.params, &conn.applied) {
             conn.queue(&frontend::query(&sql))
                 .await
@@ -295,15 +302,8 @@ impl LaneTask {
                 own: true,
             });
         }
-        let mut waiting = waiting.into_iter();
-        while let Some(request) = waiting.next() {
-            if self.take(conn, LaneMsg::Run(request)).await.is_err() {
-                for request in waiting {
-                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    redo(request).await;
-                }
-                return Err(Broken);
-            }
+        while let Some(request) = self.waiting.pop_front() {
+            self.take(conn, LaneMsg::Run(request)).await?;
         }
         conn.flush().await.map_err(|_| Broken)?;
         let linger = tokio::time::sleep(LINGER);
@@ -456,12 +456,12 @@ impl LaneTask {
     }
 
     /// Reads submitted but never written, after the lane retired.
-    fn hand_back_queued(&mut self) {
+    async fn hand_back_queued(&mut self) {
         self.rx.close();
         while let Ok(msg) = self.rx.try_recv() {
             if let LaneMsg::Run(request) = msg {
                 self.in_flight.fetch_sub(1, Ordering::Relaxed);
-                tokio::spawn(redo(request));
+                redo(request).await;
             }
         }
     }

@@ -127,15 +127,21 @@ impl Session {
         let mut first = None;
         let outcome = loop {
             let reply = tokio::select! {
+                // Answers first: those sent before the lane ended are here.
+                biased;
                 reply = rx.recv() => reply,
                 _ = cancelled.notified(), if !cancel_asked => {
                     cancel_asked = true;
                     ticket.cancel();
                     continue;
                 }
+                _ = ticket.lane_gone() => None,
             };
             let Some(LaneReply { id, event }) = reply else {
-                break Outcome::HandedBack;
+                break match first {
+                    Some(_) => Outcome::Lost,
+                    None => Outcome::HandedBack,
+                };
             };
             if id != ticket.id {
                 continue;
