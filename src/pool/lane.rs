@@ -328,6 +328,9 @@ impl LaneTask {
                 msg = self.rx.recv() => {
                     let Some(msg) = msg else { return Err(Broken) };
                     self.take(conn, msg).await?;
+                    // Behind the sessions woken with this one: their reads
+                    // leave in the same write, and wake the server once.
+                    tokio::task::yield_now().await;
                     while let Ok(msg) = self.rx.try_recv() {
                         self.take(conn, msg).await?;
                     }
