@@ -74,9 +74,10 @@ impl Ticket {
         let _ = self.lane.send(LaneMsg::Cancel(self.id));
     }
 
-    /// Resolves once the lane's task has ended. Every read it took was
-    /// answered before, so a session still waiting then lost its read to a
-    /// bug in the lane (a panic): it stops waiting.
+    /// Resolves once the lane takes no more messages (its task ending, or
+    /// panicking). By then it has answered, or is handing back, every read
+    /// it took: a session that hears nothing more takes its read as handed
+    /// back (lost, if partly answered) instead of waiting forever.
     pub async fn lane_gone(&self) {
         self.lane.closed().await
     }
@@ -112,7 +113,7 @@ struct Lane {
 }
 
 impl Lanes {
-    /// Puts `query` on the least busy lane of clients with `params`, or on
+    /// Puts `messages` on the least busy lane of clients with `params`, or on
     /// a new one while every lane has `depth` reads and lanes hold less than
     /// `max_lanes` connections.
     #[allow(clippy::too_many_arguments)]

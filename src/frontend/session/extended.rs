@@ -30,10 +30,7 @@ impl Session {
                 _ => {}
             }
             let intent = self.extended_intent(&frame)?;
-            if frame.tag() == fe::PARSE
-                && Parse::decode(&frame)?.name.is_empty()
-                && self.batch_on_lane(&frame, &intent).await?
-            {
+            if frame.tag() == fe::PARSE && self.batch_on_lane(&frame, &intent).await? {
                 return Ok(());
             }
             if !self.start_unit(&intent, None).await? {

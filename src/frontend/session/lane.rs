@@ -42,7 +42,7 @@ impl Session {
         Ok(ran)
     }
 
-    /// An unnamed Parse of a read whose batch (Binds, Describes and
+    /// A Parse of the unnamed statement, a read, whose batch (Binds, Describes and
     /// Executes of the unnamed statement and portal, then Sync) has
     /// already arrived whole: the batch runs on a lane, as one read.
     pub(super) async fn batch_on_lane(
@@ -50,7 +50,7 @@ impl Session {
         parse: &Frame,
         intent: &Intent,
     ) -> Result<bool, ClientError> {
-        if *intent != Intent::Read {
+        if *intent != Intent::Read || !Parse::decode(parse)?.name.is_empty() {
             return Ok(false);
         }
         let Some(rest) = unnamed_batch(self.client.buffered()) else {

@@ -735,7 +735,6 @@ impl Session {
             }
             let hint = sql.and_then(leading_hint);
             if intent == Intent::Read
-                && self.param_change.is_none()
                 && sql.is_some_and(|sql| !state::starts_copy(sql))
                 && self.read_on_lane(&frame, hint).await?
             {
