@@ -290,12 +290,14 @@ fn start_tidepool(cluster: &Cluster, workers: usize, extra: &str) -> Result<Chil
     );
     fs::write(&config, toml).map_err(|e| e.to_string())?;
     let log = fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    // tidepool logs to stdout; stderr would carry a panic's message.
+    let log_too = log.try_clone().map_err(|e| e.to_string())?;
     let child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
         .args(["run", "--config"])
         .arg(&config)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
+        .stdout(log)
+        .stderr(log_too)
         // Plain log lines: `ChildProxy::warnings` reads them.
         .env("NO_COLOR", "1")
         .spawn()
