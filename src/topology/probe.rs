@@ -109,8 +109,9 @@ impl Probe {
     }
 
     /// Runs the query within `timeout`, connecting first if needed. A connect
-    /// still under way at the deadline goes on for the next poll; after any
-    /// other error the connection is dropped so the next poll starts afresh.
+    /// still under way at the deadline goes on for the next poll, and so does
+    /// a connection whose answer is late; after any other error the
+    /// connection is dropped so the next poll starts afresh.
     pub async fn poll(
         &mut self,
         credentials: &Credentials,
@@ -122,6 +123,16 @@ impl Probe {
         match result {
             Err(PollError::Timeout) if matches!(self.connection, Connection::Connecting(_)) => {
                 Err(PollError::Connecting)
+            }
+            // A slow answer is no reason to log in again: a new backend and
+            // a SCRAM exchange are the dearest thing to ask of a loaded
+            // server, and under a CPU-bound benchmark the reconnects took
+            // longer than the polls, until the primary was marked down
+            // (57P03 for every writer) and once even failed over. The late
+            // answer is dropped; a server that stays silent still fails poll
+            // after poll.
+            Err(PollError::Timeout) if matches!(self.connection, Connection::Ready(_)) => {
+                Err(PollError::Timeout)
             }
             Err(e) => {
                 self.connection = Connection::None;
