@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use super::Checkout;
@@ -258,7 +257,7 @@ impl LaneTask {
         self.hand_back_queued().await;
         match conn {
             Some(mut conn) if reusable => conn.clean = true,
-            Some(conn) => drop(deadpool::managed::Object::take(conn)),
+            Some(conn) => super::discard(conn),
             None => {}
         }
     }
@@ -316,13 +315,9 @@ impl LaneTask {
                 }
                 linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
             }
-            let server = &mut **conn;
-            if server.read_buf.capacity() - server.read_buf.len() < 8192 {
-                server.read_buf.reserve(32 * 1024);
-            }
             tokio::select! {
                 biased;
-                read = server.stream.read_buf(&mut server.read_buf) => match read {
+                read = conn.read_more() => match read {
                     Ok(n) if n > 0 => self.answer(conn).await?,
                     _ => return Err(Broken),
                 },

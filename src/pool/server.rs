@@ -254,6 +254,15 @@ impl ServerConnection {
         Ok(())
     }
 
+    /// Reads what the server has sent into `read_buf`, keeping room for a
+    /// full read; 0 when it closed.
+    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.read_buf.capacity() - self.read_buf.len() < 8192 {
+            self.read_buf.reserve(32 * 1024);
+        }
+        self.stream.read_buf(&mut self.read_buf).await
+    }
+
     /// Reads one whole message; only for startup and health checks, where
     /// messages are small. Sessions stream the server's bytes instead.
     pub async fn read_frame(&mut self) -> Result<Frame, ServerError> {

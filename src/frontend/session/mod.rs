@@ -25,7 +25,6 @@ pub use statements::{StaleStatements, Statement};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use self::consistency::Consistency;
@@ -39,7 +38,7 @@ use super::stats::DatabaseStats;
 use super::users::{UserEntry, UserSlot};
 use crate::config::{ConsistencyMode, PoolMode};
 use crate::pool::registry::CheckoutError;
-use crate::pool::{Checkout, PoolKey, ServerError};
+use crate::pool::{Checkout, PoolKey, ServerError, discard};
 use crate::protocol::backend::{self, ErrorFields, Severity, TxStatus};
 use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
 use crate::protocol::{Frame, frame};
@@ -841,11 +840,6 @@ impl Session {
         }
         server.conn.clean = true;
     }
-}
-
-/// Takes a server connection out of its pool and closes it.
-pub(super) fn discard(conn: Checkout) {
-    drop(deadpool::managed::Object::take(conn));
 }
 
 /// A failed write means the connection is gone; the session's next read from

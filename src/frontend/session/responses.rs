@@ -445,13 +445,7 @@ fn lost_protocol(e: crate::protocol::ProtocolError) -> ClientError {
 
 pub(super) async fn read_server(server: Option<&mut Attached>) -> std::io::Result<usize> {
     match server {
-        Some(server) => {
-            let conn = &mut *server.conn;
-            if conn.read_buf.capacity() - conn.read_buf.len() < 8192 {
-                conn.read_buf.reserve(32 * 1024);
-            }
-            conn.stream.read_buf(&mut conn.read_buf).await
-        }
+        Some(server) => server.conn.read_more().await,
         None => std::future::pending().await,
     }
 }
