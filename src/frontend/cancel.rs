@@ -200,7 +200,15 @@ impl CancelRegistry {
 
     /// Asks the server at `addr` to cancel what the backend `key` is
     /// running, the way the pools reach that node (TLS or not).
+    ///
+    /// Boxed: a TLS connect is a future of over a kilobyte, and sessions
+    /// await this on paths that every statement's future carries (and
+    /// moves) even though they almost never run.
     pub async fn send_cancel(&self, addr: SocketAddr, server_key: BackendKey) {
+        Box::pin(self.connect_and_cancel(addr, server_key)).await
+    }
+
+    async fn connect_and_cancel(&self, addr: SocketAddr, server_key: BackendKey) {
         let connect = ServerStream::connect(addr, &self.tls);
         let connected = tokio::time::timeout(self.connect_timeout, connect)
             .await

@@ -27,9 +27,6 @@ pub(crate) fn read_cstr<'a>(
     buf: &'a [u8],
     what: &'static str,
 ) -> Result<(&'a [u8], &'a [u8]), ProtocolError> {
-    let end = buf
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(ProtocolError::Malformed(what))?;
+    let end = memchr::memchr(0, buf).ok_or(ProtocolError::Malformed(what))?;
     Ok((&buf[..end], &buf[end + 1..]))
 }

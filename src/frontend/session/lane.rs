@@ -85,7 +85,7 @@ impl Session {
         if alone || self.shared.pools.pipeline_depth() < 2 || !self.may_share_a_connection() {
             return Ok(None);
         }
-        wait_while_paused(self.shared.topology.clone()).await;
+        wait_while_paused(&self.shared.topology).await;
         let (destination, reason) = self.route_unit(&Intent::Read, hint);
         // A hinted read asked for a replica, whatever its freshness.
         let floor = (destination == Destination::Replica && hint.is_none())

@@ -256,7 +256,14 @@ impl Session {
     /// small query a round trip) until it or another replica is known past
     /// the floor, or `ryw_wait` runs out; then redo the read there, or on
     /// the primary.
+    ///
+    /// Boxed: the wait is a large future, and every server message's
+    /// handling would carry it.
     pub(super) async fn redo_stale_read(&mut self) -> Result<(), ClientError> {
+        Box::pin(self.wait_and_redo_read()).await
+    }
+
+    async fn wait_and_redo_read(&mut self) -> Result<(), ClientError> {
         let floor = self.stale_read.take().expect("a stale read");
         self.cancel.set_target(None);
         let Some(mut server) = self.server.take() else {

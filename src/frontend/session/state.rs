@@ -107,7 +107,8 @@ fn is_multi_statement(sql: &str) -> bool {
 fn first_word(sql: &str) -> &str {
     let rest = skip_comments(sql);
     let end = rest
-        .find(|c: char| !c.is_ascii_alphabetic())
+        .bytes()
+        .position(|b| !b.is_ascii_alphabetic())
         .unwrap_or(rest.len());
     &rest[..end]
 }
@@ -326,9 +327,16 @@ fn contains_words(sql: &str, phrase: &str) -> bool {
 /// session ends. The `_xact_` variants (`advisory_xact_lock`) end with the
 /// transaction and do not match, nor does `advisory_unlock`.
 fn takes_session_advisory_lock(sql: &str) -> bool {
-    sql.as_bytes()
-        .windows(b"advisory_lock".len())
-        .any(|w| w.eq_ignore_ascii_case(b"advisory_lock"))
+    // Every query is checked: look only around its underscores.
+    let bytes = sql.as_bytes();
+    memchr::memchr_iter(b'_', bytes).any(|at| {
+        let before = at
+            .checked_sub(b"advisory".len())
+            .map(|from| &bytes[from..at]);
+        let after = bytes.get(at + 1..at + 1 + b"lock".len());
+        before.is_some_and(|w| w.eq_ignore_ascii_case(b"advisory"))
+            && after.is_some_and(|w| w.eq_ignore_ascii_case(b"lock"))
+    })
 }
 
 /// SQL that makes a server connection's parameters match `wanted`, given
@@ -528,6 +536,15 @@ mod tests {
             Some(PinReason::AdvisoryLock)
         );
         assert_eq!(pin_reason("select pg_advisory_xact_lock(1)"), None);
+        assert_eq!(pin_reason("select pg_advisory_unlock(1)"), None);
+        assert_eq!(
+            pin_reason("SELECT PG_ADVISORY_LOCK(1)"),
+            Some(PinReason::AdvisoryLock)
+        );
+        for sql in ["select _lock", "select x_lock", "advisory_", "_"] {
+            assert_eq!(pin_reason(sql), None, "{sql}");
+        }
+        assert_eq!(pin_reason("advisory_lock"), Some(PinReason::AdvisoryLock));
         assert_eq!(
             pin_reason("prepare p as select 1"),
             Some(PinReason::SqlPrepare)

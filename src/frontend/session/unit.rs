@@ -75,7 +75,7 @@ impl Session {
         intent: &Intent,
         hint: Option<crate::route::hint::Hint>,
     ) -> Result<bool, ClientError> {
-        wait_while_paused(self.shared.topology.clone()).await;
+        wait_while_paused(&self.shared.topology).await;
         let (destination, reason) = self.route_unit(intent, hint);
         // A hinted read asked for a replica, whatever its freshness.
         let floor = (destination == Destination::Replica && hint.is_none())
@@ -232,7 +232,10 @@ impl Session {
         for (node, addr, role) in candidates {
             let pool = self.pool_for(node, addr);
             // Listed as waiting only when the pool has no connection at hand.
-            let mut checkout = std::pin::pin!(pool.checkout_timed());
+            // Boxed: deadpool's checkout is a future of over a kilobyte,
+            // which would otherwise be part of every statement's future,
+            // moved on every event whether it checks out or not.
+            let mut checkout = Box::pin(pool.checkout_timed());
             let (checkout, waited) = match futures_util::FutureExt::now_or_never(&mut checkout) {
                 Some(done) => done,
                 None => {
@@ -324,11 +327,15 @@ impl Session {
 
 /// Holds a new unit of work while a switchover pauses traffic: the client
 /// sees a pause, not an error. The pause carries its own deadline.
-pub(super) async fn wait_while_paused(topology: crate::topology::SharedTopology) {
-    // The hot path: no pause, no subscription to topology changes.
-    if topology.load().paused_until.is_none() {
-        return;
+pub(super) async fn wait_while_paused(topology: &crate::topology::SharedTopology) {
+    // The hot path: no pause, no subscription to topology changes, and a
+    // small future (the wait is boxed) for every statement to carry.
+    if topology.load().paused_until.is_some() {
+        Box::pin(wait_out_pause(topology.clone())).await;
     }
+}
+
+async fn wait_out_pause(topology: crate::topology::SharedTopology) {
     loop {
         let changed = topology.changed();
         let Some(until) = topology.load().paused_until else {
