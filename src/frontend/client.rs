@@ -19,6 +19,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Read at once while the client has nothing pending: most messages fit.
 const FIRST_READ: usize = 512;
+/// What an idle client's write buffer starts at: a whole short answer.
+const FIRST_WRITE: usize = 1024;
 /// A read that continues a partial message reserves at least this much.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -153,6 +155,11 @@ impl ClientConn {
     }
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.write_buf.capacity() == 0 {
+            // An answer comes in several messages: grown from the first
+            // one's size, the buffer was reallocated two or three times.
+            self.write_buf.reserve(bytes.len().max(FIRST_WRITE));
+        }
         self.write_buf.extend_from_slice(bytes);
         if self.write_buf.len() >= WRITE_HIGH_WATER {
             self.flush().await?;
