@@ -381,6 +381,10 @@ impl Session {
         if let Some(replay) = replay
             && self.waiting.is_none()
         {
+            tracing::info!(
+                frames = replay.frames.len(),
+                "replaying a read on another node"
+            );
             return self.replay(replay).await;
         }
         if self.mode() == PoolMode::Session {
@@ -411,11 +415,10 @@ impl Session {
     }
     /// Runs a read that got no answer again, from the start, on another node.
     /// Nothing reached the client yet, so it sees one answer, as if nothing happened.
+    /// Logged by the callers: a lost connection is news, a read redone
+    /// behind a replica's replay (one in ten reads after a write, under
+    /// load) is counted in `tidepool_ryw_waits_total` instead.
     pub(super) async fn replay(&mut self, replay: Replay) -> Result<(), ClientError> {
-        tracing::info!(
-            frames = replay.frames.len(),
-            "replaying a read on another node"
-        );
         self.pending.clear();
         self.unsynced = false;
         self.held_begin = replay.held_begin;
