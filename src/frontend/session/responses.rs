@@ -413,8 +413,9 @@ impl Session {
         self.unsynced = false;
         Ok(())
     }
-    /// Runs a read that got no answer again, from the start, on another node.
-    /// Nothing reached the client yet, so it sees one answer, as if nothing happened.
+    /// Runs a read that got no answer again, from the start, on another
+    /// connection. Nothing reached the client yet, so it sees one answer, as
+    /// if nothing happened.
     /// Logged by the callers: a lost connection is news, a read redone
     /// behind a replica's replay (one in ten reads after a write, under
     /// load) is counted in `tidepool_ryw_waits_total` instead.
