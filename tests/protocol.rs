@@ -185,6 +185,43 @@ async fn the_unnamed_statement_outlives_its_transaction() {
     assert_eq!(raw.until_ready().await.1.as_deref(), Some("26000"));
 }
 
+/// Drivers without named statements send the same Parse before every Bind;
+/// the proxy reuses the route it learned from that text, and classifies a
+/// new text anew: a write after reads, then reads after writes, each on
+/// the right node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_unnamed_parse_keeps_its_own_route() {
+    let h = Harness::start_with("", |c| c.users[0].allow_md5 = true).await;
+    let mut raw = RawClient::connect(h.port()).await;
+    raw.send(&[fe::query("create sequence memo_seq")]).await;
+    assert_eq!(raw.until_ready().await.1, None);
+    let read = "select inet_server_port()::text";
+    let write = "select inet_server_port()::text from (select nextval('memo_seq')) s";
+    let primary = h.primary_port().to_string();
+    for (sql, on_primary) in [
+        (read, false),
+        (read, false),
+        (write, true),
+        (write, true),
+        (read, false),
+    ] {
+        raw.send(&[
+            raw::parse("", sql),
+            raw::bind(""),
+            raw::execute(),
+            fe::sync(),
+        ])
+        .await;
+        // A write's answer carries its commit LSN (ParameterStatus) too.
+        let frames = raw.frames_until_ready().await;
+        let frames: Vec<_> = frames.into_iter().filter(|f| f.tag() != b'S').collect();
+        let tags: String = frames.iter().map(|f| f.tag() as char).collect();
+        assert_eq!(tags, "12DCZ", "{sql}: {frames:?}");
+        let port = String::from_utf8_lossy(&frames[2].body()[6..]).into_owned();
+        assert_eq!(port == primary, on_primary, "{sql} ran on {port}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn prepared_statements_survive_transaction_pooling() {
     let h = Harness::start("[pool]\nsize = 2\n").await;

@@ -123,8 +123,11 @@ impl Session {
         Ok(match frame.tag() {
             fe::PARSE => {
                 let parse = Parse::decode(frame)?;
-                std::str::from_utf8(parse.query)
-                    .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql))
+                match self.same_unnamed(frame) {
+                    Some(unnamed) => unnamed.intent.clone(),
+                    None => std::str::from_utf8(parse.query)
+                        .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql)),
+                }
             }
             fe::BIND => {
                 let bind = Bind::decode(frame)?;
@@ -146,6 +149,16 @@ impl Session {
     }
     pub(super) async fn forward_parse(&mut self, frame: &Frame) -> Result<(), ClientError> {
         let parse = Parse::decode(frame)?;
+        if let Some(unnamed) = self.same_unnamed(frame) {
+            // What the text says was learned when it came before: its pins
+            // are taken, its intent known.
+            let intent = unnamed.intent.clone();
+            self.unit_writes |= ends_write(&intent, self.client_status);
+            self.unit_copies |= std::str::from_utf8(parse.query).map_or(true, state::starts_copy);
+            self.forward(frame, Kind::Parse).await?;
+            self.server.as_mut().expect("attached").unnamed_ready = true;
+            return Ok(());
+        }
         if parse.name.is_empty() {
             let intent = match std::str::from_utf8(parse.query) {
                 Ok(sql) => {
@@ -231,6 +244,15 @@ impl Session {
         self.send_to_server(frame).await?;
         self.pending.push_using(kind, statement);
         Ok(())
+    }
+    /// The unnamed statement, if `parse` makes it again from the same text
+    /// and parameter types: drivers without named statements (pgbench
+    /// `-M extended`, many ORMs) send the same Parse before every Bind,
+    /// and classifying it costs more than the rest of its handling.
+    pub(super) fn same_unnamed(&self, parse: &Frame) -> Option<&Unnamed> {
+        self.unnamed
+            .as_ref()
+            .filter(|unnamed| unnamed.parse.body() == parse.body())
     }
     /// Where a Bind or Describe of statement `name` goes when it is no named
     /// statement the proxy knows: the unnamed statement's route.

@@ -65,10 +65,14 @@ impl Session {
         self.client.consume(rest);
         // PostgreSQL drops the unnamed statement before parsing the new
         // one: it exists now only if the Parse succeeded.
-        self.unnamed = (first == Some(backend::PARSE_COMPLETE)).then(|| Unnamed {
-            parse: Frame::build(fe::PARSE, |b| b.extend_from_slice(parse.body())),
-            intent: Intent::Read,
-        });
+        if first != Some(backend::PARSE_COMPLETE) {
+            self.unnamed = None;
+        } else if self.same_unnamed(parse).is_none() {
+            self.unnamed = Some(Unnamed {
+                parse: Frame::build(fe::PARSE, |b| b.extend_from_slice(parse.body())),
+                intent: Intent::Read,
+            });
+        }
         Ok(true)
     }
 
