@@ -121,14 +121,11 @@ impl Session {
     /// The intent of an extended-protocol message that starts a unit of work.
     pub(super) fn extended_intent(&self, frame: &Frame) -> Result<Intent, ClientError> {
         Ok(match frame.tag() {
-            fe::PARSE => {
-                let parse = Parse::decode(frame)?;
-                match self.same_unnamed(frame) {
-                    Some(unnamed) => unnamed.intent.clone(),
-                    None => std::str::from_utf8(parse.query)
-                        .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql)),
-                }
-            }
+            fe::PARSE => match self.same_unnamed(frame) {
+                Some(unnamed) => unnamed.intent.clone(),
+                None => std::str::from_utf8(Parse::decode(frame)?.query)
+                    .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql)),
+            },
             fe::BIND => {
                 let bind = Bind::decode(frame)?;
                 match self.statements.get(bind.statement) {
@@ -149,35 +146,38 @@ impl Session {
     }
     pub(super) async fn forward_parse(&mut self, frame: &Frame) -> Result<(), ClientError> {
         let parse = Parse::decode(frame)?;
-        if let Some(unnamed) = self.same_unnamed(frame) {
-            // What the text says was learned when it came before: its pins
-            // are taken, its intent known.
-            let intent = unnamed.intent.clone();
-            self.unit_writes |= ends_write(&intent, self.client_status);
-            self.unit_copies |= std::str::from_utf8(parse.query).map_or(true, state::starts_copy);
-            self.forward(frame, Kind::Parse).await?;
-            self.server.as_mut().expect("attached").unnamed_ready = true;
-            return Ok(());
-        }
         if parse.name.is_empty() {
-            let intent = match std::str::from_utf8(parse.query) {
-                Ok(sql) => {
+            let sql = std::str::from_utf8(parse.query).ok();
+            // A repeat of the unnamed statement: what its text says was
+            // learned when it came before (its pins are taken, its intent
+            // known), and the copy kept then is this Parse.
+            let repeated = self
+                .same_unnamed(frame)
+                .map(|unnamed| unnamed.intent.clone());
+            let intent = match (&repeated, sql) {
+                (Some(intent), _) => intent.clone(),
+                (None, Some(sql)) => {
                     self.pin_if_needed_extended(sql);
-                    let intent = self.shared.classifier.classify(sql);
+                    self.shared.classifier.classify(sql)
+                }
+                (None, None) => Intent::Write,
+            };
+            match sql {
+                Some(sql) => {
                     self.unit_writes |= ends_write(&intent, self.client_status);
                     self.unit_copies |= state::starts_copy(sql);
-                    intent
                 }
-                Err(_) => {
+                None => {
                     self.unit_writes = true;
                     self.unit_copies = true;
-                    Intent::Write
                 }
-            };
-            // A copy: the frame shares the client's read buffer, which an
-            // idle client must not hold on to.
-            let parse = Frame::build(fe::PARSE, |b| b.extend_from_slice(frame.body()));
-            self.unnamed = Some(Unnamed { parse, intent });
+            }
+            if repeated.is_none() {
+                // A copy: the frame shares the client's read buffer, which
+                // an idle client must not hold on to.
+                let parse = Frame::build(fe::PARSE, |b| b.extend_from_slice(frame.body()));
+                self.unnamed = Some(Unnamed { parse, intent });
+            }
             self.forward(frame, Kind::Parse).await?;
             self.server.as_mut().expect("attached").unnamed_ready = true;
             return Ok(());
