@@ -199,3 +199,69 @@ async fn reads_on_a_lost_connection_are_run_again() {
     }
     assert!(pipelined_reads(&h).await > 0);
 }
+
+fn counter(metrics: &str, name: &str) -> u64 {
+    let value = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
+    value.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Named prepared statements (`-M prepared`, drivers' statement caches) run
+/// on lanes too: a lane's connection prepares a statement the first time a
+/// client's Bind needs it, under the statement's global name, so clients
+/// whose drivers give different statements the same name (tokio-postgres:
+/// s0, s1, ... per connection) each run their own. A small statement cap
+/// makes lanes evict and prepare again.
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_run_on_lanes_under_their_own_text() {
+    let config = PIPELINED.replace(
+        "pipeline_depth = 8\n",
+        "pipeline_depth = 8\nprepared_statements_cap = 3\n",
+    );
+    let h = Harness::start(&config).await;
+    let (_busy, _) = someone_else_busy(&h).await;
+    let before = pipelined_reads(&h).await;
+    let replicas: HashSet<i32> = h.replica_ports().iter().map(|&p| p.into()).collect();
+    let mut tasks = Vec::new();
+    for client in 0..12 {
+        let c = h.connect().await;
+        let replicas = replicas.clone();
+        tasks.push(tokio::spawn(async move {
+            // Texts of their own (a cap of 3 cannot hold them all) and
+            // one every client shares.
+            let own = c
+                .prepare(&format!("SELECT $1::int + {client}, inet_server_port()"))
+                .await
+                .unwrap();
+            let shared = c.prepare("SELECT $1::int * 2").await.unwrap();
+            let divide = c.prepare("SELECT 10 / $1::int").await.unwrap();
+            for round in 0..30 {
+                let row = c.query_one(&own, &[&round]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), round + client);
+                assert!(replicas.contains(&row.get::<_, i32>(1)));
+                let row = c.query_one(&shared, &[&round]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), round * 2);
+                if round % 10 == 4 {
+                    let e = c.query_one(&divide, &[&0]).await.unwrap_err();
+                    assert_eq!(sqlstate(&e), "22012");
+                    let row = c.query_one(&divide, &[&5]).await.unwrap();
+                    assert_eq!(row.get::<_, i32>(0), 2);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let metrics = http::get(h.proxy().admin_addr(), "/metrics").await.body;
+    let pipelined = pipelined_reads(&h).await - before;
+    assert!(pipelined >= 12 * 30, "{pipelined} reads pipelined");
+    let evictions = counter(
+        &metrics,
+        "tidepool_prepared_statement_cache_evictions_total",
+    );
+    assert!(evictions > 0, "a cap of 3 must evict");
+    let hits = counter(&metrics, "tidepool_prepared_statement_cache_hits_total");
+    assert!(hits > 0);
+}

@@ -29,8 +29,9 @@ use tokio::sync::mpsc;
 use super::Checkout;
 use super::registry::{CheckoutError, PoolHandle};
 use crate::frontend::cancel::CancelRegistry;
-use crate::frontend::session::{Params, sync_sql};
-use crate::protocol::backend::{ERROR_RESPONSE, READY_FOR_QUERY};
+use crate::frontend::session::{Params, Statement, sync_sql};
+use crate::metrics::Metrics;
+use crate::protocol::backend::{CLOSE_COMPLETE, ERROR_RESPONSE, PARSE_COMPLETE, READY_FOR_QUERY};
 use crate::protocol::{Frame, frame, frontend};
 
 /// An idle lane keeps its connection this long before handing it back to
@@ -91,14 +92,17 @@ struct Request {
     id: u64,
     /// Whole messages, ending where the server answers ReadyForQuery.
     messages: Bytes,
+    /// The client's prepared statement the messages use under its global
+    /// name: the lane's connection prepares it first when it lacks it.
+    statement: Option<Arc<Statement>>,
     reply: mpsc::Sender<LaneReply>,
 }
 
 /// The open lanes of one pool (node, user, database).
-#[derive(Default)]
 pub struct Lanes {
     open: Mutex<Vec<Lane>>,
     next_id: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 struct Lane {
@@ -112,6 +116,14 @@ struct Lane {
 }
 
 impl Lanes {
+    pub fn new(metrics: Arc<Metrics>) -> Lanes {
+        Lanes {
+            open: Mutex::default(),
+            next_id: AtomicU64::default(),
+            metrics,
+        }
+    }
+
     /// Puts `messages` on the least busy lane of clients with `params`, or on
     /// a new one while every lane has `depth` reads and lanes hold less than
     /// `max_lanes` connections.
@@ -123,6 +135,7 @@ impl Lanes {
         max_lanes: usize,
         params: &Params,
         messages: Bytes,
+        statement: Option<Arc<Statement>>,
         reply: mpsc::Sender<LaneReply>,
         cancels: &CancelRegistry,
     ) -> Ticket {
@@ -130,6 +143,7 @@ impl Lanes {
         let request = LaneMsg::Run(Request {
             id,
             messages,
+            statement,
             reply,
         });
         let mut open = self.open.lock().expect("lanes lock");
@@ -204,6 +218,25 @@ struct InFlight {
     /// The proxy's own statement: an error in it leaves the connection's
     /// settings unknown.
     own: bool,
+    /// Replies to the Close (of a statement evicted for room) and Parse the
+    /// lane put before the read's own messages: they lead its answer and
+    /// the client never sees them.
+    hidden: u8,
+    /// The statement that Parse prepared: forgotten if the Parse fails.
+    prepared: Option<Arc<Statement>>,
+}
+
+impl InFlight {
+    fn new(id: u64, reply: Option<mpsc::Sender<LaneReply>>, own: bool) -> InFlight {
+        InFlight {
+            id,
+            reply,
+            answered: false,
+            own,
+            hidden: 0,
+            prepared: None,
+        }
+    }
 }
 
 /// Why a lane stops: its connection is not reused.
@@ -295,12 +328,7 @@ impl LaneTask {
                 .await
                 .map_err(|_| Broken)?;
             conn.applied = self.params.clone();
-            self.queue.push_back(InFlight {
-                id: 0,
-                reply: None,
-                answered: false,
-                own: true,
-            });
+            self.queue.push_back(InFlight::new(0, None, true));
         }
         while let Some(request) = self.waiting.pop_front() {
             self.take(conn, LaneMsg::Run(request)).await?;
@@ -351,12 +379,11 @@ impl LaneTask {
             LaneMsg::Run(request) => {
                 // In the queue first: if the write fails, the read is
                 // handed back with the others.
-                self.queue.push_back(InFlight {
-                    id: request.id,
-                    reply: Some(request.reply),
-                    answered: false,
-                    own: false,
-                });
+                let read = InFlight::new(request.id, Some(request.reply), false);
+                self.queue.push_back(read);
+                if let Some(statement) = request.statement {
+                    self.prepare(conn, statement).await?;
+                }
                 conn.queue_bytes(&request.messages)
                     .await
                     .map_err(|_| Broken)?;
@@ -389,6 +416,30 @@ impl LaneTask {
         Ok(())
     }
 
+    /// Puts `statement` on the connection ahead of the last read queued,
+    /// unless the connection holds it already.
+    async fn prepare(
+        &mut self,
+        conn: &mut Checkout,
+        statement: Arc<Statement>,
+    ) -> Result<(), Broken> {
+        let metrics = &self.lanes.metrics;
+        if conn.prepared.get(&statement.global).is_some() {
+            metrics.prepared_hit();
+            return Ok(());
+        }
+        metrics.prepared_miss();
+        let evicted = conn.queue_prepare(&statement.global, &statement.parse);
+        let evicted = evicted.await.map_err(|_| Broken)?;
+        if evicted {
+            metrics.prepared_evicted();
+        }
+        let read = self.queue.back_mut().expect("queued by the caller");
+        read.hidden = 1 + u8::from(evicted);
+        read.prepared = Some(statement);
+        Ok(())
+    }
+
     /// Hands every whole message read so far to the read it answers.
     async fn answer(&mut self, conn: &mut Checkout) -> Result<(), Broken> {
         let mut end = 0;
@@ -406,6 +457,22 @@ impl LaneTask {
                 // are not what the lane says: the reads not yet answered
                 // run elsewhere.
                 return Err(Broken);
+            }
+            if head.hidden > 0 {
+                // Nothing of this read's answer came before them.
+                debug_assert_eq!(end, 0);
+                if tag == PARSE_COMPLETE || tag == CLOSE_COMPLETE {
+                    head.hidden -= 1;
+                    bytes::Buf::advance(&mut conn.read_buf, total);
+                    continue;
+                }
+                // The Parse failed (the error is the client's, as its Bind
+                // would have met it): the connection does not hold the
+                // statement.
+                head.hidden = 0;
+                if let Some(statement) = head.prepared.take() {
+                    conn.prepared.pop(&statement.global);
+                }
             }
             end += total;
             if tag != READY_FOR_QUERY {

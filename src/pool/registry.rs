@@ -16,7 +16,7 @@ use super::manager::ServerManager;
 use super::server::{Login, ServerError};
 use crate::config::{PoolConfig, Secret};
 use crate::frontend::cancel::CancelRegistry;
-use crate::frontend::session::Params;
+use crate::frontend::session::{Params, Statement};
 use crate::metrics::Metrics;
 use crate::server_tls::ServerTls;
 use crate::topology::NodeId;
@@ -59,6 +59,7 @@ impl PoolHandle {
         &self,
         params: &Params,
         messages: bytes::Bytes,
+        statement: Option<Arc<Statement>>,
         reply: tokio::sync::mpsc::Sender<LaneReply>,
         cancels: &CancelRegistry,
     ) -> Ticket {
@@ -68,8 +69,9 @@ impl PoolHandle {
         let max_lanes = (settings.size / 2).max(1);
         let depth = settings.pipeline_depth;
         drop(settings);
-        self.lanes
-            .submit(self, depth, max_lanes, params, messages, reply, cancels)
+        self.lanes.submit(
+            self, depth, max_lanes, params, messages, statement, reply, cancels,
+        )
     }
 
     /// When every connection is in use and the pool is full: what a fresh
@@ -175,7 +177,7 @@ impl Pools {
             .runtime(Runtime::Tokio1)
             .build()
             .expect("the runtime is set");
-        let lanes = Arc::<Lanes>::default();
+        let lanes = Arc::new(Lanes::new(self.metrics.clone()));
         pools.insert(key.clone(), (pool.clone(), lanes.clone()));
         (pool, lanes)
     }

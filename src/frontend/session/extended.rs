@@ -30,7 +30,12 @@ impl Session {
                 _ => {}
             }
             let intent = self.extended_intent(&frame)?;
-            if frame.tag() == fe::PARSE && self.batch_on_lane(&frame, &intent).await? {
+            let on_lane = match frame.tag() {
+                fe::PARSE => self.batch_on_lane(&frame, &intent).await?,
+                fe::BIND => self.bound_on_lane(&frame, &intent).await?,
+                _ => false,
+            };
+            if on_lane {
                 return Ok(());
             }
             if !self.start_unit(&intent, None).await? {
@@ -220,7 +225,7 @@ impl Session {
     }
     /// A statement prepared before a DDL changed its result type (see
     /// `StaleStatements`); in session mode the server itself says so.
-    fn outdated(&self, statement: &Statement) -> bool {
+    pub(super) fn outdated(&self, statement: &Statement) -> bool {
         !self.names_verbatim() && self.shared.stale_statements.outdated(statement)
     }
     /// Answers a Bind or Describe of an outdated statement as PostgreSQL

@@ -1,9 +1,10 @@
 //! A read run on a lane (`pool::lane`), sharing a server connection with
 //! other clients' reads: a one-statement autocommit read (a simple Query,
-//! or an unnamed Parse/Bind/Describe/Execute batch with its Sync), from a
+//! an unnamed Parse/Bind/Describe/Execute batch with its Sync, or a
+//! Bind/Describe/Execute batch of a named statement with its Sync), from a
 //! session that needs nothing of a connection but its parameters.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::unit::wait_while_paused;
@@ -18,8 +19,8 @@ const LANE_REPLIES: usize = 8;
 const BATCH_LIMIT: usize = 64 * 1024;
 
 enum Outcome {
-    /// With the tag of the first message of the answer.
-    Answered(Option<u8>),
+    /// With the first message of the answer.
+    Answered(Option<Frame>),
     HandedBack,
     Lost,
     Cancelled,
@@ -34,7 +35,10 @@ impl Session {
         query: &Frame,
         hint: Option<Hint>,
     ) -> Result<bool, ClientError> {
-        let ran = self.on_lane(query.raw().clone(), hint).await?.is_some();
+        let ran = self
+            .on_lane(query.raw().clone(), hint, None)
+            .await?
+            .is_some();
         if ran {
             // A simple query destroys the unnamed statement, wherever it ran.
             self.unnamed = None;
@@ -53,19 +57,19 @@ impl Session {
         if *intent != Intent::Read || !Parse::decode(parse)?.name.is_empty() {
             return Ok(false);
         }
-        let Some(rest) = unnamed_batch(self.client.buffered()) else {
+        let Some(rest) = batch_len(self.client.buffered(), b"") else {
             return Ok(false);
         };
         let mut batch = BytesMut::with_capacity(parse.raw().len() + rest);
         batch.extend_from_slice(parse.raw());
         batch.extend_from_slice(&self.client.buffered()[..rest]);
-        let Some(first) = self.on_lane(batch.freeze(), None).await? else {
+        let Some(first) = self.on_lane(batch.freeze(), None, None).await? else {
             return Ok(false);
         };
         self.client.consume(rest);
         // PostgreSQL drops the unnamed statement before parsing the new
         // one: it exists now only if the Parse succeeded.
-        if first != Some(backend::PARSE_COMPLETE) {
+        if first.is_none_or(|first| first.tag() != backend::PARSE_COMPLETE) {
             self.unnamed = None;
         } else if self.same_unnamed(parse).is_none() {
             self.unnamed = Some(Unnamed {
@@ -76,13 +80,59 @@ impl Session {
         Ok(true)
     }
 
-    /// Runs `messages` on a lane; `None` when not taken, else the tag of
-    /// the answer's first message (`None` if the proxy answered).
+    /// A Bind of one of the client's named statements, a read, to the
+    /// unnamed portal, whose batch (Binds, Describes and Executes of that
+    /// statement and portal, then Sync) has already arrived whole: the
+    /// batch runs on a lane under the statement's global name, the lane
+    /// preparing it first on a connection that lacks it.
+    pub(super) async fn bound_on_lane(
+        &mut self,
+        bind: &Frame,
+        intent: &Intent,
+    ) -> Result<bool, ClientError> {
+        if *intent != Intent::Read {
+            return Ok(false);
+        }
+        let decoded = Bind::decode(bind)?;
+        let name = decoded.statement;
+        let Some(statement) = self.statements.get(name).cloned() else {
+            return Ok(false);
+        };
+        if !decoded.portal.is_empty() || statement.copies || self.outdated(&statement) {
+            return Ok(false);
+        }
+        let Some(rest) = batch_len(self.client.buffered(), name) else {
+            return Ok(false);
+        };
+        let global = &statement.global;
+        let mut batch = BytesMut::with_capacity(bind.raw().len() + rest + 4 * global.len());
+        put_renamed(&mut batch, bind.raw(), name, global);
+        put_renamed(&mut batch, &self.client.buffered()[..rest], name, global);
+        let used = Some(statement.clone());
+        let Some(first) = self.on_lane(batch.freeze(), None, used).await? else {
+            return Ok(false);
+        };
+        self.client.consume(rest);
+        let refused = first
+            .filter(|first| first.tag() == backend::ERROR_RESPONSE)
+            .and_then(|error| ErrorFields::decode(&error).ok())
+            .is_some_and(|fields| fields.code == "0A000");
+        if refused {
+            // As on a connection of its own (see `StaleStatements`).
+            self.shared.stale_statements.retire(&statement);
+        }
+        Ok(true)
+    }
+
+    /// Runs `messages`, which use the client's `statement` if any, on a lane;
+    /// `None` when not taken, else the answer's first message (`None` if
+    /// the proxy answered).
     async fn on_lane(
         &mut self,
         messages: Bytes,
         hint: Option<Hint>,
-    ) -> Result<Option<Option<u8>>, ClientError> {
+        statement: Option<Arc<Statement>>,
+    ) -> Result<Option<Option<Frame>>, ClientError> {
         // A read alone has nobody to share with: a lane would only add
         // the hops to its task.
         let alone = self.shared.busy.load(std::sync::atomic::Ordering::Relaxed) == 0;
@@ -126,7 +176,8 @@ impl Session {
             .lane_replies
             .get_or_insert_with(|| Box::new(mpsc::channel(LANE_REPLIES)))
             .as_mut();
-        let ticket = pool.submit_read(&self.params, messages, tx.clone(), &self.shared.cancels);
+        let cancels = &self.shared.cancels;
+        let ticket = pool.submit_read(&self.params, messages, statement, tx.clone(), cancels);
         let mut cancel_asked = false;
         let mut first = None;
         let outcome = loop {
@@ -150,8 +201,10 @@ impl Session {
             if id != ticket.id {
                 continue;
             }
-            if let LaneEvent::Data(bytes) | LaneEvent::Done(bytes) = &event {
-                first = first.or(bytes.first().copied());
+            if let LaneEvent::Data(bytes) | LaneEvent::Done(bytes) = &event
+                && first.is_none()
+            {
+                first = frame::split_all(bytes).next();
             }
             match event {
                 LaneEvent::Data(bytes) => self.client.send_messages(&bytes).await?,
@@ -214,10 +267,10 @@ impl Session {
     }
 }
 
-/// The length of the messages at the front of `buf` that complete an
-/// unnamed statement's batch: Bind, Describe and Execute of the unnamed
-/// statement and portal only, up to and including Sync.
-fn unnamed_batch(buf: &[u8]) -> Option<usize> {
+/// The length of the messages at the front of `buf` that complete a batch
+/// of `statement` (empty: the unnamed one): Bind, Describe and Execute of
+/// that statement and the unnamed portal only, up to and including Sync.
+fn batch_len(buf: &[u8], statement: &[u8]) -> Option<usize> {
     let mut at = 0;
     loop {
         let (tag, total) = frame::peek_header(&buf[at..]).ok()??;
@@ -225,17 +278,49 @@ fn unnamed_batch(buf: &[u8]) -> Option<usize> {
             return None;
         }
         let body = &buf[at + Frame::HEADER_LEN..at + total];
-        let unnamed = match tag {
-            fe::BIND => body.starts_with(&[0, 0]),
-            fe::DESCRIBE => matches!(body, [b'S' | b'P', 0]),
+        let names = |kind: &[u8], name: &[u8]| {
+            body.len() == kind.len() + name.len() + 1
+                && body.starts_with(kind)
+                && body[kind.len()..].starts_with(name)
+        };
+        let ours = match tag {
+            fe::BIND => {
+                body.first() == Some(&0)
+                    && body[1..].starts_with(statement)
+                    && body.get(1 + statement.len()) == Some(&0)
+            }
+            fe::DESCRIBE => names(b"S", statement) || names(b"P", b""),
             fe::EXECUTE => body.first() == Some(&0),
             fe::SYNC => return Some(at + total),
             _ => false,
         };
-        if !unnamed {
+        if !ours {
             return None;
         }
         at += total;
+    }
+}
+
+/// Appends `messages`, whole messages of a batch of the client's statement
+/// `name` (see `batch_len`), naming the statement by its global name.
+fn put_renamed(batch: &mut BytesMut, mut messages: &[u8], name: &[u8], global: &[u8]) {
+    while let Ok(Some((tag, total))) = frame::peek_header(messages) {
+        let (message, rest) = messages.split_at(total);
+        let body = &message[Frame::HEADER_LEN..];
+        // Both name the statement after one byte: Bind's empty portal
+        // name, Describe's 'S'.
+        if tag == fe::BIND || (tag == fe::DESCRIBE && body[0] == b'S') {
+            let tail = &body[1 + name.len()..];
+            let len = 4 + 1 + global.len() + tail.len();
+            batch.put_u8(tag);
+            batch.put_u32(u32::try_from(len).expect("within BATCH_LIMIT"));
+            batch.put_u8(body[0]);
+            batch.put_slice(global);
+            batch.put_slice(tail);
+        } else {
+            batch.put_slice(message);
+        }
+        messages = rest;
     }
 }
 
@@ -253,18 +338,75 @@ mod tests {
         let describe = Named::encode(fe::DESCRIBE, Target::Portal, b"");
         let execute = fe::execute_all();
         let whole = batch(&[bind.clone(), describe.clone(), execute.clone(), fe::sync()]);
-        assert_eq!(unnamed_batch(&whole), Some(whole.len()));
+        assert_eq!(batch_len(&whole, b""), Some(whole.len()));
         let more = [whole.clone(), fe::query("SELECT 1").raw().to_vec()].concat();
-        assert_eq!(unnamed_batch(&more), Some(whole.len()));
-        assert_eq!(unnamed_batch(&whole[..whole.len() - 1]), None);
+        assert_eq!(batch_len(&more, b""), Some(whole.len()));
+        assert_eq!(batch_len(&whole[..whole.len() - 1], b""), None);
         let named = Named::encode(fe::DESCRIBE, Target::Statement, b"s1");
         let to_named = fe::bind_no_params(b"s1");
-        assert_eq!(unnamed_batch(&batch(&[to_named, fe::sync()])), None);
+        assert_eq!(batch_len(&batch(&[to_named, fe::sync()]), b""), None);
         assert_eq!(
-            unnamed_batch(&batch(&[bind, named, execute, fe::sync()])),
+            batch_len(&batch(&[bind, named, execute, fe::sync()]), b""),
             None
         );
         let flush = Frame::build(fe::FLUSH, |_| {});
-        assert_eq!(unnamed_batch(&batch(&[flush, fe::sync()])), None);
+        assert_eq!(batch_len(&batch(&[flush, fe::sync()]), b""), None);
+    }
+
+    #[test]
+    fn a_named_statements_batch_names_that_statement_only() {
+        let describe_s1 = Named::encode(fe::DESCRIBE, Target::Statement, b"s1");
+        let portal = Named::encode(fe::DESCRIBE, Target::Portal, b"");
+        let (execute, sync) = (fe::execute_all(), fe::sync());
+        let whole = batch(&[
+            fe::bind_no_params(b"s1"),
+            describe_s1.clone(),
+            portal.clone(),
+            execute.clone(),
+            sync.clone(),
+        ]);
+        assert_eq!(batch_len(&whole, b"s1"), Some(whole.len()));
+        assert_eq!(batch_len(&whole, b"s"), None);
+        assert_eq!(batch_len(&whole, b""), None);
+        let other = Named::encode(fe::DESCRIBE, Target::Statement, b"s2");
+        let with_other = batch(&[other, execute.clone(), sync.clone()]);
+        assert_eq!(batch_len(&with_other, b"s1"), None);
+        let to_unnamed = batch(&[fe::bind_no_params(b""), sync.clone()]);
+        assert_eq!(batch_len(&to_unnamed, b"s1"), None);
+    }
+
+    #[test]
+    fn a_named_statements_batch_goes_out_under_the_global_name() {
+        let global = b"_tp_0123456789abcdef0123456789abcdef";
+        // No parameter formats, one parameter ("42"), no result formats.
+        let params = b"\0\0\0\x01\0\0\0\x0242\0\0";
+        let bind = Frame::build(fe::BIND, |b| {
+            b.put_slice(&[b"\0s1\0", &params[..]].concat())
+        });
+        let messages = batch(&[
+            bind,
+            Named::encode(fe::DESCRIBE, Target::Statement, b"s1"),
+            Named::encode(fe::DESCRIBE, Target::Portal, b""),
+            fe::execute_all(),
+            fe::sync(),
+        ]);
+        let mut renamed = BytesMut::new();
+        put_renamed(&mut renamed, &messages, b"s1", global);
+        let frames: Vec<Frame> = frame::split_all(&renamed.freeze()).collect();
+        let tags: Vec<u8> = frames.iter().map(Frame::tag).collect();
+        assert_eq!(
+            tags,
+            [fe::BIND, fe::DESCRIBE, fe::DESCRIBE, fe::EXECUTE, fe::SYNC]
+        );
+        let bind = Bind::decode(&frames[0]).unwrap();
+        assert_eq!((bind.portal, bind.statement), (&b""[..], &global[..]));
+        let body = [&b"\0"[..], global, b"\0", params].concat();
+        assert_eq!(frames[0].body(), &body[..]);
+        let describe = Named::decode(&frames[1]).unwrap();
+        assert_eq!(
+            (describe.target, describe.name),
+            (Target::Statement, &global[..])
+        );
+        assert_eq!(Named::decode(&frames[2]).unwrap().target, Target::Portal);
     }
 }
