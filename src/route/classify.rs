@@ -113,6 +113,16 @@ impl Classifier {
         access.into()
     }
 
+    /// The intent of `sql` inside a transaction block whose route is taken:
+    /// read and write go to the same connection there, and the statement's
+    /// commit LSN waits for COMMIT, so only what the recognizer of
+    /// transaction control and proxy commands tells matters, and the
+    /// fingerprint and the cache are skipped (every statement of a
+    /// transaction but its first).
+    pub fn classify_in_transaction(&self, sql: &str) -> Intent {
+        precheck::quick_intent(sql).unwrap_or(Intent::Write)
+    }
+
     /// Counts only statements that reached the cache: proxy commands,
     /// transaction control and empty queries bypass it.
     pub fn cache_stats(&self) -> CacheStats {

@@ -409,6 +409,8 @@ impl Session {
         let mut shutdown = self.shutdown.clone();
         let stop = shutdown.changed();
         tokio::pin!(stop);
+        let new_epoch = next_change(self.epochs.clone());
+        tokio::pin!(new_epoch);
         let mut event = Event::Start;
         loop {
             if Box::pin(self.handle(event)).await? == Flow::End {
@@ -437,7 +439,10 @@ impl Session {
                 },
                 _ = expiry => Event::Timeout(timeout.expect("armed").1),
                 _ = &mut stop, if !self.draining => Event::ShutdownStarted,
-                _ = self.epochs.changed(), if on_primary => Event::NewEpoch,
+                epochs = &mut new_epoch, if on_primary => {
+                    new_epoch.set(next_change(epochs));
+                    Event::NewEpoch
+                }
             };
         }
     }
@@ -671,7 +676,14 @@ impl Session {
             return Ok(());
         }
         let sql = fe::query_text(&frame)?;
-        let intent = sql.map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
+        let classifier = &self.shared.classifier;
+        let intent = match sql {
+            None => Intent::Write,
+            Some(sql) if self.server.is_some() && self.client_status != TxStatus::Idle => {
+                classifier.classify_in_transaction(sql)
+            }
+            Some(sql) => classifier.classify(sql),
+        };
         if let Intent::Proxy(command) = &intent {
             return self.proxy_command(command).await;
         }
@@ -848,6 +860,18 @@ async fn send_quietly(server: &mut Attached, frame: &Frame) {
     if let Err(e) = server.conn.queue(frame).await {
         tracing::debug!(error = %e, "write to server failed");
     }
+}
+
+/// Resolves with `rx` once it sees a new value; never if its sender is gone.
+/// Kept across the turns of the session's loop, unlike `rx.changed()`, which
+/// would register and unregister a waiter on every turn.
+async fn next_change<T>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+) -> tokio::sync::watch::Receiver<T> {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    rx
 }
 
 /// Whether a statement ends a write, so that its commit LSN is worth
