@@ -5,6 +5,8 @@
 //! primary + 2 replicas, loads `pgbench -i -s 10`, runs tidepool (`tidepool run`,
 //! as deployed) and PgBouncer as child processes, then runs each workload against every target in interleaved rounds, so that
 //! drift (cache warm-up, table bloat from TPC-B, other load) hits all targets alike.
+//! PgBouncer is Debian's 1.18 and, for the `-M extended` and `-M prepared` workloads,
+//! also 1.24.1 with `max_prepared_statements`, built from Debian's source package.
 //! Then, with both proxies closed, "counted runs" through fresh tidepool instances
 //! show where reads went (pgbench_accounts index scans per node): each workload once,
 //! and a custom write-then-read script direct and per `routing.consistency` mode.
@@ -18,15 +20,37 @@
 
 use std::fs;
 use std::net::{Ipv4Addr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use sha2::Digest;
 use tidepool::demo::cluster::{Cluster, ClusterSpec, free_port};
 
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+/// PgBouncer with `max_prepared_statements` (≥ 1.21), which `-M prepared` in
+/// transaction mode needs and bookworm's 1.18 lacks: the source package of
+/// Debian trixie's 1.24.1 (its binary needs a newer libc than bookworm's).
+const PGBOUNCER_NEW: &str = "1.24.1";
+const PGBOUNCER_NEW_URL: &str =
+    "http://deb.debian.org/debian/pool/main/p/pgbouncer/pgbouncer_1.24.1.orig.tar.gz";
+/// From trixie's `Sources`: a tarball that does not match is not built.
+const PGBOUNCER_NEW_SHA256: &str =
+    "da72a3aba13072876d055a3e58dd4aba4a5de4ed6148e73033185245598fd3e0";
+/// Debian packages the build needs.
+const PGBOUNCER_NEW_BUILD_DEPS: [&str; 6] = [
+    "libevent-dev",
+    "libc-ares-dev",
+    "libssl-dev",
+    "pkg-config",
+    "make",
+    "gcc",
+];
+/// The configuration of the new PgBouncer on top of the one both share.
+const PGBOUNCER_NEW_CONF: &str = "max_prepared_statements = 200\n";
 /// Server connections per node (tidepool) and per (user, db) (PgBouncer): the same
 /// number, and equal to the client count, so neither proxy makes clients queue.
 const POOL_SIZE: usize = 16;
@@ -37,11 +61,21 @@ const POOL_SIZE: usize = 16;
 const PIPELINE_DEPTH: usize = 8;
 /// tidepool twice: as deployed (reads to the replicas) and with every statement
 /// on the primary (`consistency = "strong"`), which does exactly PgBouncer's work.
-const TARGETS: [&str; 4] = ["direct", "tidepool", "tidepool→primary", "pgbouncer"];
-/// Index of PgBouncer in `TARGETS`.
+/// PgBouncer 1.24 runs only the workloads `runs_workload` gives it.
+const TARGETS: [&str; 5] = [
+    "direct",
+    "tidepool",
+    "tidepool→primary",
+    "pgbouncer",
+    "pgbouncer 1.24",
+];
+/// Index of PgBouncer (Debian's 1.18) in `TARGETS`: the baseline of the main table.
 const BOUNCER: usize = 3;
+/// Index of PgBouncer 1.24 in `TARGETS`.
+const BOUNCER_NEW: usize = 4;
 const TPS_COLS: &str = "direct TPS | tidepool TPS | tidepool→primary TPS | pgbouncer TPS | tidepool/pgbouncer | tidepool→primary/pgbouncer | direct lat ms | tidepool lat ms | tidepool→primary lat ms | pgbouncer lat ms | tidepool CPU µs/txn | tidepool→primary CPU µs/txn | pgbouncer CPU µs/txn";
 const LATENCY_COLS: &str = "direct lat ms | tidepool lat ms | tidepool→primary lat ms | pgbouncer lat ms | added µs tidepool | added µs tidepool→primary | added µs pgbouncer | tidepool CPU µs/txn | tidepool→primary CPU µs/txn | pgbouncer CPU µs/txn";
+const BOUNCER_NEW_COLS: &str = "pgbouncer 1.24 TPS | tidepool/pgbouncer 1.24 | tidepool→primary/pgbouncer 1.24 | pgbouncer 1.24 lat ms | pgbouncer 1.24 CPU µs/txn";
 const MODE_COLS: &str = "TPS | TPS vs eventual | lat ms | reads served by replicas | reads on primary | SELECTs run on replicas (per replica) | replay lag ms median / max";
 
 /// `(name, pgbench args)`. Throughput workloads first; the 1-client run must stay
@@ -171,7 +205,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
     value.unwrap_or(default).max(1)
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
+fn first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().ok();
     out.and_then(|o| {
         let text = String::from_utf8_lossy(&o.stdout);
@@ -184,18 +218,22 @@ fn is_root() -> bool {
     first_line("id", &["-u"]) == "0"
 }
 
+/// `apt-get install -y`, again after an `apt-get update` if that fails (stale lists).
+fn apt_install(packages: &[&str]) -> bool {
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd.status().is_ok_and(|s| s.success())
+    };
+    let install = || apt(&[&["install", "-y"], packages].concat());
+    install() || (apt(&["update"]) && install())
+}
+
 /// Installs PgBouncer when missing and we may; `false` means: skip its column.
 fn ensure_pgbouncer() -> bool {
     if !Path::new(PGBOUNCER).exists() && is_root() {
         eprintln!("{PGBOUNCER} missing: apt-get install -y pgbouncer");
-        let apt = |args: &[&str]| {
-            let mut cmd = Command::new("apt-get");
-            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            cmd.status().is_ok_and(|s| s.success())
-        };
-        if !apt(&["install", "-y", "pgbouncer"]) && apt(&["update"]) {
-            apt(&["install", "-y", "pgbouncer"]);
-        }
+        apt_install(&["pgbouncer"]);
     }
     let found = Path::new(PGBOUNCER).exists();
     if !found {
@@ -204,16 +242,150 @@ fn ensure_pgbouncer() -> bool {
     found
 }
 
+/// PgBouncer 1.24.1's binary, built on the first run into `pgbouncer-1.24.1/` under
+/// the cargo target dir (tarball, sources, `build.log`, and the install prefix);
+/// later runs reuse it.
+fn pgbouncer_new() -> Result<PathBuf, String> {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent();
+    let prefix = target.ok_or("no cargo target dir")?;
+    let prefix = prefix.join(format!("pgbouncer-{PGBOUNCER_NEW}"));
+    let bin = prefix.join("bin/pgbouncer");
+    if !bin.exists() {
+        eprintln!(
+            "building PgBouncer {PGBOUNCER_NEW} into {}",
+            prefix.display()
+        );
+        install_build_deps()?;
+        let tarball = download_source(&prefix)?;
+        build_pgbouncer(&tarball, &prefix)?;
+    }
+    if is_root() {
+        let_others_run(&bin, &prefix)?;
+    }
+    Ok(bin)
+}
+
+/// Installs the build's missing Debian packages when we may; fails if some stay missing.
+fn install_build_deps() -> Result<(), String> {
+    let installed = |package: &&str| {
+        let status = ["-W", "-f=${db:Status-Status}", package];
+        first_line("dpkg-query", &status) == "installed"
+    };
+    let missing = || {
+        let deps = PGBOUNCER_NEW_BUILD_DEPS.into_iter();
+        deps.filter(|p| !installed(p)).collect::<Vec<_>>()
+    };
+    if !missing().is_empty() && is_root() {
+        eprintln!("apt-get install -y {}", missing().join(" "));
+        apt_install(&missing());
+    }
+    match missing() {
+        m if m.is_empty() => Ok(()),
+        m => Err(format!("build packages missing: {}", m.join(" "))),
+    }
+}
+
+/// The source tarball in `prefix`, downloaded unless already there; one whose
+/// sha256 is not the expected one is deleted and nothing is built.
+fn download_source(prefix: &Path) -> Result<PathBuf, String> {
+    fs::create_dir_all(prefix).map_err(|e| format!("{}: {e}", prefix.display()))?;
+    let name = PGBOUNCER_NEW_URL.rsplit('/').next().unwrap_or_default();
+    let tarball = prefix.join(name);
+    if !tarball.exists() {
+        let mut curl = Command::new("curl");
+        curl.args(["-sf", PGBOUNCER_NEW_URL, "-o"]).arg(&tarball);
+        build_step(&mut curl, &prefix.join("build.log"))?;
+    }
+    let bytes = fs::read(&tarball).map_err(|e| format!("{}: {e}", tarball.display()))?;
+    let sum: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if sum != PGBOUNCER_NEW_SHA256 {
+        let _ = fs::remove_file(&tarball);
+        return Err(format!(
+            "{name}: sha256 {sum}, expected {PGBOUNCER_NEW_SHA256}: deleted, not built"
+        ));
+    }
+    Ok(tarball)
+}
+
+/// Unpacks `tarball` into `prefix/src`, then configure, make, make install into `prefix`.
+fn build_pgbouncer(tarball: &Path, prefix: &Path) -> Result<(), String> {
+    let (src, log) = (prefix.join("src"), prefix.join("build.log"));
+    let _ = fs::remove_dir_all(&src);
+    fs::create_dir_all(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let mut untar = Command::new("tar");
+    untar.arg("xzf").arg(tarball).arg("--strip-components=1");
+    build_step(untar.arg("-C").arg(&src), &log)?;
+    let prefix_arg = format!("--prefix={}", prefix.display());
+    let steps: [&[&str]; 3] = [
+        &[
+            "./configure",
+            &prefix_arg,
+            "--without-pam",
+            "--without-systemd",
+        ],
+        &["make", "-j2"],
+        &["make", "install"],
+    ];
+    for step in steps {
+        build_step(
+            Command::new(step[0]).args(&step[1..]).current_dir(&src),
+            &log,
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with its output appended to `log`; a failure quotes the log's last lines.
+fn build_step(cmd: &mut Command, log: &Path) -> Result<(), String> {
+    let open = fs::OpenOptions::new().create(true).append(true).open(log);
+    let out = open.map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let status = match cmd.stdin(Stdio::null()).stdout(out).stderr(err).status() {
+        Ok(status) if status.success() => return Ok(()),
+        Ok(status) => status.to_string(),
+        Err(e) => e.to_string(),
+    };
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join("\n");
+    let log = log.display();
+    Err(format!("{cmd:?}: {status} (in {log}):\n{tail}"))
+}
+
+/// As root, PgBouncer runs as another user (it refuses root), who must reach the
+/// binary: `prefix` and what leads to the binary in it get 755, the dirs above
+/// `prefix` the search bits only.
+fn let_others_run(bin: &Path, prefix: &Path) -> Result<(), String> {
+    for path in bin.ancestors() {
+        let bits = if path.starts_with(prefix) {
+            0o755
+        } else {
+            0o111
+        };
+        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = meta.permissions().mode();
+        if mode & bits != bits {
+            let chmod = fs::set_permissions(path, fs::Permissions::from_mode(mode | bits));
+            chmod.map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// `(uid, gid)` via `id`, because the crate's style forbids `unsafe` (`getpwnam`).
 fn user_ids(user: &str) -> Option<(u32, u32)> {
     let id = |flag: &str| first_line("id", &[flag, user]).parse().ok();
     Some((id("-u")?, id("-g")?))
 }
 
-/// Starts PgBouncer in the foreground, transaction mode, SCRAM on both sides (1.18
-/// needs the plaintext password in auth_file to do SCRAM towards the server).
+/// Starts the PgBouncer binary `bin` in the foreground, transaction mode, SCRAM on
+/// both sides (1.18 needs the plaintext password in auth_file to do SCRAM towards
+/// the server), with `extra` appended to its `[pgbouncer]` section.
 /// It refuses to run as root, so as root it runs as `postgres` (or `nobody`).
-fn start_pgbouncer(primary_port: u16) -> Result<ChildProxy, String> {
+fn start_pgbouncer(bin: &Path, primary_port: u16, extra: &str) -> Result<ChildProxy, String> {
     let dir = tempfile::Builder::new().prefix("tp-bouncer-").tempdir();
     let dir = dir.map_err(|e| e.to_string())?;
     let (port, d) = (free_port(), dir.path().display());
@@ -223,7 +395,7 @@ fn start_pgbouncer(primary_port: u16) -> Result<ChildProxy, String> {
          auth_type = scram-sha-256\nauth_file = {d}/userlist.txt\npool_mode = transaction\n\
          default_pool_size = {POOL_SIZE}\nmax_client_conn = 200\n\
          ignore_startup_parameters = extra_float_digits\n\
-         logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n"
+         logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n{extra}"
     );
     let users = "\"app\" \"app\"\n";
     let files = [("pgbouncer.ini", ini.as_str()), ("userlist.txt", users)];
@@ -232,7 +404,7 @@ fn start_pgbouncer(primary_port: u16) -> Result<ChildProxy, String> {
     }
     let stderr_path = dir.path().join("stderr.log");
     let stderr = fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(PGBOUNCER);
+    let mut cmd = Command::new(bin);
     cmd.arg(dir.path().join("pgbouncer.ini"))
         .current_dir(dir.path());
     cmd.stdin(Stdio::null())
@@ -249,7 +421,7 @@ fn start_pgbouncer(primary_port: u16) -> Result<ChildProxy, String> {
         cmd.uid(uid).gid(gid);
     }
     let child = cmd.spawn();
-    let child = child.map_err(|e| format!("spawning {PGBOUNCER}: {e}"))?;
+    let child = child.map_err(|e| format!("spawning {}: {e}", bin.display()))?;
     let bouncer = ChildProxy {
         child,
         port,
@@ -378,8 +550,13 @@ impl Bench {
         }
     }
 
-    /// `runs[workload][target]`: one outcome per round, rounds interleaved across targets.
-    fn measure(&mut self, ports: [Option<u16>; 4], pids: &[Option<String>; 4]) -> Runs {
+    /// `runs[workload][target]`: one outcome per round, rounds interleaved across
+    /// the targets that run the workload (`runs_workload`).
+    fn measure(
+        &mut self,
+        ports: [Option<u16>; TARGETS.len()],
+        pids: &[Option<String>; TARGETS.len()],
+    ) -> Runs {
         let rounds = self.rounds;
         let mut runs = vec![vec![Vec::new(); TARGETS.len()]; WORKLOADS.len()];
         for (w, &(workload, args)) in WORKLOADS.iter().enumerate() {
@@ -388,6 +565,9 @@ impl Bench {
                     let (name, Some(port)) = (TARGETS[t], ports[t]) else {
                         continue;
                     };
+                    if !runs_workload(t, args) {
+                        continue;
+                    }
                     eprintln!("[{workload}] round {round}/{rounds} via {name} ...");
                     let pid = pids[t].as_deref();
                     let cpu_before = pid.and_then(cpu_secs);
@@ -566,6 +746,13 @@ impl Bench {
     }
 }
 
+/// Whether target `t` runs the workload with these pgbench args: PgBouncer 1.24 is
+/// there for `-M prepared`, which 1.18 cannot pool, and `-M extended`, the same
+/// protocol with unnamed statements; the `-M simple` workloads keep 1.18 alone.
+fn runs_workload(t: usize, args: &str) -> bool {
+    t != BOUNCER_NEW || args.contains("-M extended") || args.contains("-M prepared")
+}
+
 /// The targets of one round, each round starting one later: a checkpoint or an
 /// autovacuum that follows the heaviest run then lands on every target in turn.
 fn rotated(targets: usize, round: u64) -> impl Iterator<Item = usize> {
@@ -713,6 +900,7 @@ fn main() {
         logs.init();
     }
     let have_bouncer = ensure_pgbouncer();
+    let bouncer_new = pgbouncer_new();
     let rounds = env_u64("TIDEPOOL_BENCH_ROUNDS", 2);
     let mut bench = Bench {
         cluster: start_cluster(),
@@ -744,18 +932,28 @@ fn main() {
         (
             "PgBouncer",
             match have_bouncer {
-                true => start_pgbouncer(primary),
+                true => start_pgbouncer(Path::new(PGBOUNCER), primary, ""),
                 false => Err("not installed".into()),
             },
+        ),
+        (
+            "PgBouncer 1.24",
+            bouncer_new
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|bin| start_pgbouncer(bin, primary, PGBOUNCER_NEW_CONF)),
         ),
     ];
     let proxies = proxies.map(|(what, p)| p.map_err(|e| skip(what, e)).ok());
     let ports = [Some(primary)]
         .into_iter()
         .chain(proxies.iter().map(|p| p.as_ref().map(|p| p.port)));
-    let ports: [Option<u16>; 4] = ports.collect::<Vec<_>>().try_into().expect("4 targets");
+    let ports: [Option<u16>; TARGETS.len()] = ports
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("a port per target");
 
-    // Warm-up, not recorded: fills replica caches and lets both proxies open their
+    // Warm-up, not recorded: fills replica caches and lets the proxies open their
     // server connections, which pgbench's "without initial connection time" misses.
     for (name, port) in TARGETS.iter().zip(ports) {
         if let Some(Err(e)) = port.map(|port| run_pgbench(port, WORKLOADS[0].1, 2)) {
@@ -764,9 +962,16 @@ fn main() {
     }
 
     let pid = |p: &Option<ChildProxy>| p.as_ref().map(|p| p.child.id().to_string());
-    let pids = [None, pid(&proxies[0]), pid(&proxies[1]), pid(&proxies[2])];
+    let pids = [
+        None,
+        pid(&proxies[0]),
+        pid(&proxies[1]),
+        pid(&proxies[2]),
+        pid(&proxies[3]),
+    ];
     let runs = bench.measure(ports, &pids);
-    let rss = [&pids[1], &pids[BOUNCER]].map(|pid| peak_rss(pid.as_deref().unwrap_or_default()));
+    let rss = [&pids[1], &pids[BOUNCER], &pids[BOUNCER_NEW]];
+    let rss = rss.map(|pid| peak_rss(pid.as_deref().unwrap_or_default()));
     for (name, proxy) in ["tidepool", "tidepool→primary"].iter().zip(&proxies) {
         let warnings = proxy.as_ref().map(ChildProxy::warnings).unwrap_or_default();
         for line in warnings.iter().take(10) {
@@ -784,7 +989,11 @@ fn main() {
     if ports[1].is_some() {
         md += &bench.consistency();
     }
-    md += &bench.notes(&runs, routing.as_deref(), &rss, have_bouncer);
+    let bouncers = [
+        have_bouncer.then_some(Path::new(PGBOUNCER)),
+        bouncer_new.as_deref().ok(),
+    ];
+    md += &bench.notes(&runs, routing.as_deref(), &rss, bouncers);
     md += &bench.problems;
     println!("\n{md}");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-pgbench.md");
@@ -799,17 +1008,18 @@ impl Bench {
         &self,
         runs: &Runs,
         routing: Option<&str>,
-        rss: &[String; 2],
-        bouncer: bool,
+        rss: &[String; 3],
+        bouncers: [Option<&Path>; 2],
     ) -> String {
         let (secs, rounds, cpus) = (self.secs, self.rounds, first_line("nproc", &[]));
         let mode_rounds = self.mode_rounds;
         let workers = self.workers;
         let pgbench_version = first_line("pgbench", &["--version"]);
-        let bouncer_version = match bouncer {
-            true => first_line(PGBOUNCER, &["--version"]),
-            false => "PgBouncer: not available".into(),
+        let version = |bin: Option<&Path>, missing: &str| {
+            bin.map_or_else(|| missing.into(), |bin| first_line(bin, &["--version"]))
         };
+        let bouncer_version = version(bouncers[0], "PgBouncer: not available");
+        let new_version = version(bouncers[1], "PgBouncer 1.24: not available");
         let prepared = WORKLOADS
             .iter()
             .zip(runs)
@@ -836,19 +1046,30 @@ impl Bench {
              tidepools of the counted runs below. Both have `pool.pipeline_depth = \
              {PIPELINE_DEPTH}`: autocommit reads of different clients share server connections, \
              up to {PIPELINE_DEPTH} in flight on one (the write-then-read table runs without).\n\
-             - Peak RSS (VmHWM): tidepool {} (the `tidepool run` process), PgBouncer {}. Proxy CPU µs/txn: user + system CPU time of \
-             the proxy process during the run / transactions.\n",
+             - Peak RSS (VmHWM): tidepool {} (the `tidepool run` process), PgBouncer {}, \
+             PgBouncer 1.24 {}. Proxy CPU µs/txn: user + system CPU time of \
+             the proxy process during the run / transactions.\n\
+             - PgBouncer 1.24 (its own table, after the 1-client one): Debian bookworm ships PgBouncer 1.18, which has \
+             no `max_prepared_statements` (added in 1.21), and the issue asks for the comparison \
+             with it set. So the bench also runs PgBouncer {PGBOUNCER_NEW}, built once from \
+             Debian's source package (trixie's `pgbouncer_{PGBOUNCER_NEW}.orig.tar.gz`, sha256 \
+             checked; trixie's binary needs a newer libc than bookworm's) into \
+             `pgbouncer-{PGBOUNCER_NEW}/` under the cargo target dir, configured as the 1.18 one \
+             plus `{}` (also 1.24's default, set so that the config says it). It runs the `-M extended` and `-M prepared` workloads only, in the same \
+             interleaved rounds; everywhere else the PgBouncer baseline is Debian's 1.18.\n",
             routing.unwrap_or("n/a"),
             rss[0],
             rss[1],
+            rss[2],
+            PGBOUNCER_NEW_CONF.trim_end(),
         );
         if prepared_failed {
             md += "- `-M prepared` through PgBouncer fails: 1.18 has no `max_prepared_statements` \
                    (added in 1.21), so in transaction mode a client's next transaction runs on a \
                    server connection that lacks its statement (\"prepared statement … does not \
                    exist\") or has another client's under the same name (\"bind message supplies \
-                   0 parameters…\"), and pgbench aborts the client. It needs PgBouncer ≥ 1.21; \
-                   Debian bookworm ships 1.18.\n";
+                   0 parameters…\"), and pgbench aborts the client. It needs PgBouncer ≥ 1.21 \
+                   with `max_prepared_statements` set: see the PgBouncer 1.24 table.\n";
         }
         md += &format!(
             "- Write-then-read (how, in bench/README.md): one fresh tidepool per mode, {mode_rounds} \
@@ -857,7 +1078,7 @@ impl Bench {
              replicas = their Δ / transactions: above the served share, reads redone because \
              the replica had not replayed the session's floor yet. Replay lag: \
              pg_stat_replication.replay_lag, max over replicas, sampled every 0.5 s.\n\
-             - {pgbench_version}; {bouncer_version}.\n\
+             - {pgbench_version}; {bouncer_version}; {new_version}.\n\
              - Command: `TIDEPOOL_BENCH_SECS={secs} TIDEPOOL_BENCH_ROUNDS={rounds} \
              TIDEPOOL_BENCH_MODE_ROUNDS={mode_rounds} \
              TIDEPOOL_BENCH_WORKERS={workers} cargo bench --bench pgbench`; each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS \
@@ -873,29 +1094,23 @@ impl Bench {
     }
 }
 
-/// The two markdown tables, from `runs[workload][target]`, medians per target.
+/// The three markdown tables, from `runs[workload][target]`, medians per target.
 fn tables(runs: &Runs) -> String {
-    let med = |w: usize, t: usize, f: fn(&Run) -> Option<f64>| {
-        median(runs[w][t].iter().flatten().filter_map(f).collect())
-    };
-    let tps = |w, t| med(w, t, |r| Some(r.tps));
+    let med = |w: usize, t: usize, f: fn(&Run) -> Option<f64>| median_of(&runs[w][t], f);
     let lat = |w, t| med(w, t, |r| Some(r.latency_ms));
     let cpu = |w, t| med(w, t, |r| r.proxy_cpu_us);
-    let tps_cell = |w: usize, t: usize| {
-        let failed = runs[w][t].iter().filter(|r| r.is_err()).count();
-        tps_text(tps(w, t), failed, runs[w][t].len())
-    };
     let ratio =
         |w: usize, t: usize| cell(paired_ratio(&runs[w][t], &runs[w][BOUNCER], |r| r.tps), 2);
     let mut md = String::from("## pgbench: direct vs tidepool vs PgBouncer\n\n");
     md += &header(&["workload", TPS_COLS].join(" | "));
     let last = WORKLOADS.len() - 1;
-    let proxies = 1..TARGETS.len();
+    // PgBouncer 1.24 has a table of its own.
+    let (targets, proxies) = (0..=BOUNCER, 1..=BOUNCER);
     for (w, (name, _)) in WORKLOADS.iter().enumerate().take(last) {
         let mut cells = vec![name.to_string()];
-        cells.extend((0..TARGETS.len()).map(|t| tps_cell(w, t)));
+        cells.extend(targets.clone().map(|t| tps_cell(&runs[w][t])));
         cells.extend((1..BOUNCER).map(|t| ratio(w, t)));
-        cells.extend((0..TARGETS.len()).map(|t| cell(lat(w, t), 3)));
+        cells.extend(targets.clone().map(|t| cell(lat(w, t), 3)));
         cells.extend(proxies.clone().map(|t| cell(cpu(w, t), 0)));
         md += &row(&cells);
     }
@@ -903,9 +1118,38 @@ fn tables(runs: &Runs) -> String {
     md += &header(&["1 client, select-only", LATENCY_COLS].join(" | "));
     let added = |t| lat(last, t).zip(lat(last, 0)).map(|(p, d)| (p - d) * 1e3);
     let mut cells = vec![WORKLOADS[last].0.to_owned()];
-    cells.extend((0..TARGETS.len()).map(|t| cell(lat(last, t), 3)));
+    cells.extend(targets.map(|t| cell(lat(last, t), 3)));
     cells.extend(proxies.clone().map(|t| cell(added(t), 0)));
     cells.extend(proxies.map(|t| cell(cpu(last, t), 0)));
     md += &row(&cells);
+    md + &bouncer_new_table(runs)
+}
+
+/// PgBouncer 1.24 on the workloads it runs, and the tidepools against it.
+fn bouncer_new_table(runs: &Runs) -> String {
+    let conf = PGBOUNCER_NEW_CONF.trim_end();
+    let mut md = format!("\n## -M extended and -M prepared vs PgBouncer 1.24 (`{conf}`)\n\n");
+    md += &header(&["workload", BOUNCER_NEW_COLS].join(" | "));
+    let workloads = WORKLOADS.iter().zip(runs);
+    for ((name, _), by_target) in workloads.filter(|((_, a), _)| runs_workload(BOUNCER_NEW, a)) {
+        let bouncer = &by_target[BOUNCER_NEW];
+        let ratio = |t: usize| cell(paired_ratio(&by_target[t], bouncer, |r| r.tps), 2);
+        let mut cells = vec![name.to_string(), tps_cell(bouncer)];
+        cells.extend((1..BOUNCER).map(ratio));
+        cells.push(cell(median_of(bouncer, |r| Some(r.latency_ms)), 3));
+        cells.push(cell(median_of(bouncer, |r| r.proxy_cpu_us), 0));
+        md += &row(&cells);
+    }
     md
+}
+
+/// The median of `f` over the runs of one target that succeeded.
+fn median_of(rounds: &[Outcome], f: fn(&Run) -> Option<f64>) -> Option<f64> {
+    median(rounds.iter().flatten().filter_map(f).collect())
+}
+
+/// A TPS cell for one target's rounds, failed runs shown as `tps_text` does.
+fn tps_cell(rounds: &[Outcome]) -> String {
+    let failed = rounds.iter().filter(|r| r.is_err()).count();
+    tps_text(median_of(rounds, |r| Some(r.tps)), failed, rounds.len())
 }
