@@ -447,15 +447,31 @@ impl ChildProxy {
 }
 
 /// `tidepool run` on its own config file, as it is deployed, on `workers` threads.
+///
+/// The bench runs two tidepools at once against one cluster, each with its own
+/// embedded coordinator (a deployment shares etcd instead), on a box that all
+/// of PostgreSQL, pgbench and the proxies saturate: there, polls have gone
+/// unanswered for over 3 s (`poll_timeout` × `failures_before_down`), the primary
+/// was marked down (57P03 for every writer), and once one tidepool failed over
+/// and fenced it, leaving every later write run to fail. A throughput bench
+/// must not test HA: no replica may be promoted, and polls wait 5 s.
 fn start_tidepool(cluster: &Cluster, workers: usize, extra: &str) -> Result<ChildProxy, String> {
     let dir = tempfile::Builder::new().prefix("tp-proxy-").tempdir();
     let dir = dir.map_err(|e| e.to_string())?;
     let port = free_port();
-    let toml = tidepool::demo::config_toml(cluster, &format!("127.0.0.1:{port}"), extra).replacen(
-        "[listen]\n",
-        &format!("[listen]\nadmin = \"127.0.0.1:0\"\nworkers = {workers}\n"),
-        1,
-    );
+    let replicas: Vec<String> = cluster
+        .replicas()
+        .iter()
+        .map(|r| format!("\"{}\"", r.addr()))
+        .collect();
+    let toml = tidepool::demo::config_toml(cluster, &format!("127.0.0.1:{port}"), extra)
+        .replacen(
+            "[listen]\n",
+            &format!("[listen]\nadmin = \"127.0.0.1:0\"\nworkers = {workers}\n"),
+            1,
+        )
+        .replacen("[cluster]\n", "[cluster]\npoll_timeout = \"5s\"\n", 1)
+        + &format!("\n[coordinator]\nnofailover = [{}]\n", replicas.join(", "));
     let (config, log_path) = (
         dir.path().join("tidepool.toml"),
         dir.path().join("tidepool.log"),
