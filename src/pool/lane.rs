@@ -7,7 +7,11 @@
 //! answers each with its own ReadyForQuery; a read outside a transaction
 //! block leaves nothing behind, so the next one may be anybody's. What does
 //! not survive sharing stays off lanes: transactions, writes (their commit
-//! LSN is learned on their own connection), session state, COPY.
+//! LSN is learned on their own connection), session state, COPY. A
+//! client's named statement runs under its global name (see
+//! `frontend::session::statements`), which any client preparing the same
+//! text shares: the lane's connection prepares it the first time a read
+//! needs it and keeps it, as any pooled connection does.
 //!
 //! A cancel must never reach another client's statement. A read cancelled
 //! before it runs is answered "cancelled" at once and its answer dropped

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio::time::error::Elapsed;
@@ -51,8 +51,11 @@ pub struct Sample {
 pub enum PollError {
     #[error("{}", error_text(.0))]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("timed out")]
-    Timeout,
+    /// `waited`: how long the poll actually waited. Far past `poll_timeout`,
+    /// the proxy's own runtime was too busy to notice in time; near it, the
+    /// server did not answer.
+    #[error("timed out, no answer after {} ms", .waited.as_millis())]
+    Timeout { waited: Duration },
     #[error("still connecting")]
     Connecting,
     #[error("connecting timed out")]
@@ -117,11 +120,17 @@ impl Probe {
         credentials: &Credentials,
         timeout: Duration,
     ) -> Result<Sample, PollError> {
+        let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.poll_inner(credentials))
             .await
-            .unwrap_or(Err(PollError::Timeout));
+            .unwrap_or_else(|_| {
+                let waited = started.elapsed();
+                Err(PollError::Timeout { waited })
+            });
         match result {
-            Err(PollError::Timeout) if matches!(self.connection, Connection::Connecting(_)) => {
+            Err(PollError::Timeout { .. })
+                if matches!(self.connection, Connection::Connecting(_)) =>
+            {
                 Err(PollError::Connecting)
             }
             // A slow answer is no reason to log in again: a new backend and
@@ -131,8 +140,10 @@ impl Probe {
             // (57P03 for every writer) and once even failed over. The late
             // answer is dropped; a server that stays silent still fails poll
             // after poll.
-            Err(PollError::Timeout) if matches!(self.connection, Connection::Ready(_)) => {
-                Err(PollError::Timeout)
+            Err(e @ PollError::Timeout { .. })
+                if matches!(self.connection, Connection::Ready(_)) =>
+            {
+                Err(e)
             }
             Err(e) => {
                 self.connection = Connection::None;
