@@ -404,8 +404,8 @@ impl Session {
     /// task of a client that sits idle holds only the wait below, which is
     /// what makes an idle client cost a few KiB.
     async fn serve(&mut self) -> Result<(), ClientError> {
-        // Made once: a `changed()` future made on every turn of the loop
-        // would register and unregister a waiter each time.
+        // Both waits are made once: a `changed()` future made on every turn
+        // of the loop would register and unregister a waiter each time.
         let mut shutdown = self.shutdown.clone();
         let stop = shutdown.changed();
         tokio::pin!(stop);
@@ -862,9 +862,8 @@ async fn send_quietly(server: &mut Attached, frame: &Frame) {
     }
 }
 
-/// Resolves with `rx` once it sees a new value; never if its sender is gone.
-/// Kept across the turns of the session's loop, unlike `rx.changed()`, which
-/// would register and unregister a waiter on every turn.
+/// Resolves with `rx` once it sees a new value (never if its sender is
+/// gone), handing it back for the next wait.
 async fn next_change<T>(
     mut rx: tokio::sync::watch::Receiver<T>,
 ) -> tokio::sync::watch::Receiver<T> {
