@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use super::Checkout;
 use super::registry::{CheckoutError, PoolHandle};
+use super::server::Prepared;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::session::{Params, Statement, sync_sql};
 use crate::metrics::Metrics;
@@ -428,16 +429,10 @@ impl LaneTask {
         statement: Arc<Statement>,
     ) -> Result<(), Broken> {
         let metrics = &self.lanes.metrics;
-        if conn.prepared.get(&statement.global).is_some() {
-            metrics.prepared_hit();
+        let prepared = conn.prepare_counted(&statement.global, &statement.parse, metrics);
+        let Prepared::Now { evicted } = prepared.await.map_err(|_| Broken)? else {
             return Ok(());
-        }
-        metrics.prepared_miss();
-        let evicted = conn.queue_prepare(&statement.global, &statement.parse);
-        let evicted = evicted.await.map_err(|_| Broken)?;
-        if evicted {
-            metrics.prepared_evicted();
-        }
+        };
         let read = self.queue.back_mut().expect("queued by the caller");
         read.hidden = 1 + u8::from(evicted);
         read.prepared = Some(statement);

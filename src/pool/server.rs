@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::lsn_query::{LsnQuery, REPLAY_LSN};
 use super::stream::ServerStream;
 use crate::config::{Secret, ServerSslMode};
+use crate::metrics::Metrics;
 use crate::protocol::backend::{
     self, Auth, BackendKey, ErrorFields, TxStatus, decode_parameter_status,
 };
@@ -318,6 +319,27 @@ impl ServerConnection {
         self.queue(parse).await?;
         self.prepared.put(name.to_vec(), ());
         Ok(closed)
+    }
+
+    /// Makes the connection hold a client's statement, `name` being its
+    /// global name, for what is queued next: `Held` already, or its Parse
+    /// queued now. Counted in the prepared-statement cache metrics.
+    pub async fn prepare_counted(
+        &mut self,
+        name: &[u8],
+        parse: &Frame,
+        metrics: &Metrics,
+    ) -> Result<Prepared, ServerError> {
+        if self.prepared.get(name).is_some() {
+            metrics.prepared_hit();
+            return Ok(Prepared::Held);
+        }
+        metrics.prepared_miss();
+        let evicted = self.queue_prepare(name, parse).await?;
+        if evicted {
+            metrics.prepared_evicted();
+        }
+        Ok(Prepared::Now { evicted })
     }
 
     /// Queues `query` (Bind, Execute, Sync), preparing it first when this

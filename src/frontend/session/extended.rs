@@ -2,6 +2,7 @@
 //! client statement names mapped to the server-side copies.
 
 use super::*;
+use crate::pool::server::Prepared;
 
 impl Session {
     pub(super) async fn on_extended(&mut self, frame: Frame) -> Result<(), ClientError> {
@@ -9,6 +10,9 @@ impl Session {
             self.waiting = Some(frame);
             return Ok(());
         }
+        // What the message that starts a unit of work was classified as, so
+        // that its Parse is not classified a second time.
+        let mut classified = None;
         if self.server.is_none() {
             match frame.tag() {
                 fe::SYNC => return self.ready(self.client_status).await,
@@ -42,9 +46,10 @@ impl Session {
                 self.skip_to_sync = true;
                 return Ok(());
             }
+            classified = Some(intent);
         }
         match frame.tag() {
-            fe::PARSE => self.forward_parse(&frame).await?,
+            fe::PARSE => self.forward_parse(&frame, classified).await?,
             fe::BIND => {
                 let bind = Bind::decode(&frame)?;
                 match self.statements.get(bind.statement).cloned() {
@@ -128,8 +133,7 @@ impl Session {
         Ok(match frame.tag() {
             fe::PARSE => match self.same_unnamed(frame) {
                 Some(unnamed) => unnamed.intent.clone(),
-                None => std::str::from_utf8(Parse::decode(frame)?.query)
-                    .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql)),
+                None => self.text_intent(Parse::decode(frame)?.query),
             },
             fe::BIND => {
                 let bind = Bind::decode(frame)?;
@@ -149,23 +153,37 @@ impl Session {
             _ => Intent::Write,
         })
     }
-    pub(super) async fn forward_parse(&mut self, frame: &Frame) -> Result<(), ClientError> {
+    /// The intent of a statement's text; not UTF-8: a write.
+    fn text_intent(&self, query: &[u8]) -> Intent {
+        std::str::from_utf8(query).map_or(Intent::Write, |sql| self.shared.classifier.classify(sql))
+    }
+    /// `classified`: the intent of the Parse, when it started the unit of
+    /// work and was classified for that.
+    pub(super) async fn forward_parse(
+        &mut self,
+        frame: &Frame,
+        classified: Option<Intent>,
+    ) -> Result<(), ClientError> {
         let parse = Parse::decode(frame)?;
+        let sql = std::str::from_utf8(parse.query).ok();
+        let intent_of_text =
+            |this: &Self| classified.unwrap_or_else(|| this.text_intent(parse.query));
         if parse.name.is_empty() {
-            let sql = std::str::from_utf8(parse.query).ok();
             // A repeat of the unnamed statement: what its text says was
             // learned when it came before (its pins are taken, its intent
             // known), and the copy kept then is this Parse.
             let repeated = self
                 .same_unnamed(frame)
                 .map(|unnamed| unnamed.intent.clone());
-            let intent = match (&repeated, sql) {
-                (Some(intent), _) => intent.clone(),
-                (None, Some(sql)) => {
-                    self.pin_if_needed_extended(sql);
-                    self.shared.classifier.classify(sql)
+            let fresh = repeated.is_none();
+            let intent = match repeated {
+                Some(intent) => intent,
+                None => {
+                    if let Some(sql) = sql {
+                        self.pin_if_needed_extended(sql);
+                    }
+                    intent_of_text(self)
                 }
-                (None, None) => Intent::Write,
             };
             match sql {
                 Some(sql) => {
@@ -177,7 +195,7 @@ impl Session {
                     self.unit_copies = true;
                 }
             }
-            if repeated.is_none() {
+            if fresh {
                 // A copy: the frame shares the client's read buffer, which
                 // an idle client must not hold on to.
                 let parse = Frame::build(fe::PARSE, |b| b.extend_from_slice(frame.body()));
@@ -191,8 +209,7 @@ impl Session {
             // Kept for the intent of its Binds; PostgreSQL itself answers
             // a name in use (42P05) and keeps the first statement.
             if self.statements.get(parse.name).is_none() {
-                let intent = std::str::from_utf8(parse.query)
-                    .map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
+                let intent = intent_of_text(self);
                 self.statements.insert(
                     parse.name,
                     Statement::new(&parse, intent, &self.shared.stale_statements),
@@ -213,8 +230,7 @@ impl Session {
             self.skip_to_sync = true;
             return Ok(());
         }
-        let sql = std::str::from_utf8(parse.query).ok();
-        let intent = sql.map_or(Intent::Write, |sql| self.shared.classifier.classify(sql));
+        let intent = intent_of_text(self);
         if let Some(sql) = sql {
             self.pin_if_needed_extended(sql);
         }
@@ -321,24 +337,20 @@ impl Session {
     ) -> Result<(), ClientError> {
         let visible = client_name.is_some();
         let server = self.server.as_mut().expect("attached");
-        if server.conn.prepared.get(&statement.global).is_some() {
-            self.shared.metrics.prepared_hit();
-            if visible {
-                self.pending.push_synthetic(backend::parse_complete());
-            }
-            return Ok(());
-        }
-        self.shared.metrics.prepared_miss();
+        let (global, metrics) = (&statement.global, &self.shared.metrics);
         match server
             .conn
-            .queue_prepare(&statement.global, &statement.parse)
+            .prepare_counted(global, &statement.parse, metrics)
             .await
         {
-            Ok(true) => {
-                self.shared.metrics.prepared_evicted();
-                self.pending.push(Kind::Close, false);
+            Ok(Prepared::Held) => {
+                if visible {
+                    self.pending.push_synthetic(backend::parse_complete());
+                }
+                return Ok(());
             }
-            Ok(false) => {}
+            Ok(Prepared::Now { evicted: true }) => self.pending.push(Kind::Close, false),
+            Ok(Prepared::Now { evicted: false }) => {}
             Err(e) => tracing::debug!(error = %e, "write to server failed"),
         }
         self.pending.push_parse(
