@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How long a read waiting for a replica to replay its floor lets pass
+/// between two asks (tokio's timer rounds it up to its millisecond tick).
+const REPLAY_POLL_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
+
 impl Session {
     pub(super) async fn emit_synthetic(&mut self) -> Result<(), ClientError> {
         while let Some(frame) = self.pending.pop_synthetic() {
@@ -276,19 +280,31 @@ impl Session {
         // client would read that answer as its own.
         let mut answered = true;
         let node = server.conn.node;
-        // Another replica known past the floor (other sessions' probes land
-        // while this one waits) takes the read at once.
-        let fresh_elsewhere = |topology: &crate::topology::Topology| {
-            let mut fresh = topology.read_replicas(Some(floor)).map(|n| n.id);
-            fresh.find(|&id| id != node)
+        // Any replica known past the floor (other sessions' probes and this
+        // one's land in the topology) takes the read at once.
+        let fresh = |topology: &crate::topology::Topology| {
+            if topology.serves_reads_at(node, Some(floor)) {
+                return Some(node);
+            }
+            topology.read_replicas(Some(floor)).map(|n| n.id).next()
         };
+        // The replica was behind a moment ago, and replays a commit in about
+        // a millisecond here: asking back to back spent a query (and a
+        // transaction on the replica) every round trip, a dozen a wait, on
+        // a box whose CPU the reads need. So a pause comes before each ask.
+        let mut ask = false;
         let caught_up = loop {
-            if let Some(other) = fresh_elsewhere(&self.shared.topology.load()) {
-                break Some(other);
+            if let Some(id) = fresh(&self.shared.topology.load()) {
+                break Some(id);
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 break None;
+            }
+            ask = !ask;
+            if ask {
+                tokio::time::sleep(left.min(REPLAY_POLL_PAUSE)).await;
+                continue;
             }
             let replayed = server.conn.replay_lsn(left).await;
             if let Ok(Some(lsn)) = replayed {
@@ -296,7 +312,7 @@ impl Session {
             }
             match replayed {
                 Ok(Some(lsn)) if lsn >= floor => break Some(node),
-                Ok(_) => tokio::task::yield_now().await,
+                Ok(_) => {}
                 Err(_) => {
                     answered = false;
                     break None;
