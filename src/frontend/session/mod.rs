@@ -22,6 +22,7 @@ pub use state::{
 };
 pub use statements::{StaleStatements, Statement};
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -173,7 +174,7 @@ enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flow {
     Wait,
-    /// The client said Terminate.
+    /// The client said Terminate, or closed.
     End,
 }
 
@@ -254,7 +255,7 @@ pub struct Session {
     query_cancelled: bool,
     /// New topology epochs: a transaction on a primary that lost its epoch
     /// is ended at once, not left to write to a fenced node.
-    epochs: tokio::sync::watch::Receiver<crate::topology::Epoch>,
+    epochs: crate::topology::EpochListener,
     /// The current extended batch ends a write: learn the commit LSN at Sync.
     unit_writes: bool,
     /// ...or run a COPY: then learn it only once the unit is over.
@@ -402,53 +403,88 @@ impl Session {
     /// Waits for the next event and handles it. The handling (routing,
     /// checkouts, streaming responses) is a large future and is boxed: the
     /// task of a client that sits idle holds only the wait below, which is
-    /// what makes an idle client cost a few KiB.
+    /// what makes an idle client cost a few KiB. A busy session keeps its
+    /// box from event to event (see `handle_while_busy`).
     async fn serve(&mut self) -> Result<(), ClientError> {
-        // Both waits are made once: a `changed()` future made on every turn
-        // of the loop would register and unregister a waiter each time.
+        // Made once: a `changed()` future made on every turn of the loop
+        // would register and unregister a waiter each time.
         let mut shutdown = self.shutdown.clone();
         let stop = shutdown.changed();
         tokio::pin!(stop);
-        let new_epoch = next_change(self.epochs.clone());
-        tokio::pin!(new_epoch);
         let mut event = Event::Start;
         loop {
-            if Box::pin(self.handle(event)).await? == Flow::End {
+            if Box::pin(self.handle_while_busy(event, stop.as_mut())).await? == Flow::End {
                 return Ok(());
             }
-            let on_primary = self
-                .server
-                .as_ref()
-                .is_some_and(|s| s.role == Role::Primary);
-            let timeout = self.next_timeout();
-            let expiry = async {
-                match timeout {
-                    Some((at, _)) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let server = self.server.as_deref_mut();
-            event = tokio::select! {
-                read = self.client.fill(), if self.waiting.is_none() => match read? {
-                    0 => return Ok(()),
-                    _ => Event::ClientBytes,
-                },
-                read = responses::read_server(server) => match read {
-                    Ok(n) if n > 0 => Event::ServerBytes,
-                    _ => Event::ServerLost,
-                },
-                _ = expiry => Event::Timeout(timeout.expect("armed").1),
-                _ = &mut stop, if !self.draining => Event::ShutdownStarted,
-                epochs = &mut new_epoch, if on_primary => {
-                    new_epoch.set(next_change(epochs));
-                    Event::NewEpoch
-                }
-            };
+            match self.next_event(stop.as_mut()).await? {
+                Some(next) => event = next,
+                None => return Ok(()),
+            }
         }
+    }
+    /// Handles `event` and the ones after it for as long as a server is
+    /// attached (a transaction, replies owed). A box per event was an
+    /// allocation of over a KiB, too large for the allocator's fast path,
+    /// and its copy: some 14 a TPC-B transaction.
+    async fn handle_while_busy<F: Future>(
+        &mut self,
+        mut event: Event,
+        mut stop: Pin<&mut F>,
+    ) -> Result<Flow, ClientError> {
+        loop {
+            if self.handle(event).await? == Flow::End {
+                return Ok(Flow::End);
+            }
+            if self.server.is_none() {
+                return Ok(Flow::Wait);
+            }
+            match self.next_event(stop.as_mut()).await? {
+                Some(next) => event = next,
+                None => return Ok(Flow::End),
+            }
+        }
+    }
+    /// What wakes the session next; `None` when the client has closed.
+    async fn next_event<F: Future>(
+        &mut self,
+        stop: Pin<&mut F>,
+    ) -> Result<Option<Event>, ClientError> {
+        let on_primary = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.role == Role::Primary);
+        let timeout = self.next_timeout();
+        let expiry = async {
+            match timeout {
+                Some((at, _)) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle = self.server.is_none();
+        let server = self.server.as_deref_mut();
+        Ok(Some(tokio::select! {
+            read = self.client.fill(), if self.waiting.is_none() => match read? {
+                0 => return Ok(None),
+                _ => Event::ClientBytes,
+            },
+            read = responses::read_server(server) => match read {
+                Ok(n) if n > 0 => Event::ServerBytes,
+                _ => Event::ServerLost,
+            },
+            _ = expiry => Event::Timeout(timeout.expect("armed").1),
+            // Only an idle session is woken to end: a busy one sees the
+            // shutdown at its next event (in `handle`), and this wait, polled
+            // on every wake of the session, costs a mutex a poll.
+            _ = stop, if !self.draining && idle => Event::ShutdownStarted,
+            _ = self.epochs.changed(), if on_primary => Event::NewEpoch,
+        }))
     }
     /// Handles what woke the session, then every complete client message
     /// buffered, and flushes both sides.
     async fn handle(&mut self, event: Event) -> Result<Flow, ClientError> {
+        if *self.shutdown.borrow() {
+            self.draining = true;
+        }
         match event {
             Event::Start => {}
             Event::ClientBytes => {
@@ -462,7 +498,8 @@ impl Session {
             }
             Event::ServerLost => self.on_server_lost().await?,
             Event::Timeout(timeout) => self.on_timeout(timeout).await?,
-            Event::ShutdownStarted => self.draining = true,
+            // `draining` is set above, for a busy session too.
+            Event::ShutdownStarted => {}
             Event::NewEpoch => self.on_new_epoch().await?,
         }
         if self.waiting.is_some() && self.pending.is_empty() {
@@ -860,17 +897,6 @@ async fn send_quietly(server: &mut Attached, frame: &Frame) {
     if let Err(e) = server.conn.queue(frame).await {
         tracing::debug!(error = %e, "write to server failed");
     }
-}
-
-/// Resolves with `rx` once it sees a new value (never if its sender is
-/// gone), handing it back for the next wait.
-async fn next_change<T>(
-    mut rx: tokio::sync::watch::Receiver<T>,
-) -> tokio::sync::watch::Receiver<T> {
-    if rx.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-    rx
 }
 
 /// Whether a statement ends a write, so that its commit LSN is worth
