@@ -463,7 +463,7 @@ impl Session {
         let idle = self.server.is_none();
         let server = self.server.as_deref_mut();
         Ok(Some(tokio::select! {
-            read = self.client.fill(), if self.waiting.is_none() => match read? {
+            read = self.client.fill(idle), if self.waiting.is_none() => match read? {
                 0 => return Ok(None),
                 _ => Event::ClientBytes,
             },
