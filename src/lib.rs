@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bell;
 pub mod config;
 pub mod demo;
 pub mod frontend;

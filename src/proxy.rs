@@ -143,6 +143,7 @@ impl Proxy {
             admin: users::admin(&config.admin),
             config: live,
             config_file: file,
+            stopping: crate::bell::Bell::new(0),
         });
         let reaper = {
             let shared = shared.clone();

@@ -49,6 +49,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         }
     }
+    shared.stopping.ring(1);
     drop(listener);
     let deadline = shared.config.load().listen.shutdown_timeout;
     let drained = tokio::time::timeout(deadline, async {

@@ -56,6 +56,9 @@ pub struct Shared {
     pub ha: crate::ha::HaHandle,
     /// `[admin] user`, for the admin console (none: no console).
     pub admin: Option<Arc<users::UserEntry>>,
+    /// 1 once the proxy stops accepting: what sessions hear the shutdown by
+    /// (rung by the accept loop, see `crate::bell` for why not the watch).
+    pub stopping: Arc<crate::bell::Bell>,
 }
 
 /// Serves one client connection from its first byte to its last.
@@ -111,7 +114,7 @@ async fn start_session(
     // Owned here and lent to `run`: an async fn's arguments are stored
     // twice in its future, and the session is the biggest part of an idle
     // client.
-    let mut session = session::Session::new(shared.clone(), client, setup, shutdown);
+    let mut session = session::Session::new(shared.clone(), client, setup);
     session.run().await
 }
 

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::task::AtomicWaker;
+
+use crate::bell::{self, Bell};
 use tokio::sync::{Notify, watch};
 
 pub use lsn::{Lsn, LsnParseError};
@@ -280,79 +281,6 @@ impl Topology {
     }
 }
 
-/// Tells listeners that the epoch changed. A session holding a primary
-/// connection listens in its event loop, whose select polls every branch
-/// each time the session wakes (about 20 times a TPC-B transaction): a
-/// tokio watch takes its waiter list's mutex on each of those polls, an
-/// `AtomicWaker` only compares wakers.
-struct EpochBell {
-    epoch: AtomicU64,
-    listeners: std::sync::Mutex<Listeners>,
-}
-
-#[derive(Default)]
-struct Listeners {
-    wakers: Vec<std::sync::Weak<AtomicWaker>>,
-    /// The list is swept of closed sessions when it reaches this length.
-    sweep_at: usize,
-}
-
-impl EpochBell {
-    fn new(epoch: Epoch) -> EpochBell {
-        EpochBell {
-            epoch: AtomicU64::new(epoch.0),
-            listeners: Default::default(),
-        }
-    }
-
-    fn listen(&self, topology: SharedTopology) -> EpochListener {
-        let waker = Arc::new(AtomicWaker::new());
-        let mut listeners = self.listeners.lock().expect("not poisoned");
-        if listeners.wakers.len() >= listeners.sweep_at {
-            listeners.wakers.retain(|w| w.strong_count() > 0);
-            listeners.sweep_at = (2 * listeners.wakers.len()).max(64);
-        }
-        listeners.wakers.push(Arc::downgrade(&waker));
-        EpochListener {
-            heard: Epoch(self.epoch.load(Ordering::Acquire)),
-            waker,
-            topology,
-        }
-    }
-
-    fn ring(&self, epoch: Epoch) {
-        if self.epoch.swap(epoch.0, Ordering::AcqRel) == epoch.0 {
-            return;
-        }
-        let listeners = self.listeners.lock().expect("not poisoned");
-        for waker in listeners.wakers.iter().filter_map(std::sync::Weak::upgrade) {
-            waker.wake();
-        }
-    }
-}
-
-/// One session's ear for new epochs (see `EpochBell`).
-pub struct EpochListener {
-    heard: Epoch,
-    waker: Arc<AtomicWaker>,
-    topology: SharedTopology,
-}
-
-impl EpochListener {
-    /// Resolves when the epoch differs from the last one this listener heard.
-    pub fn changed(&mut self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            self.waker.register(cx.waker());
-            let now = Epoch(self.topology.0.epoch.epoch.load(Ordering::Acquire));
-            if now == self.heard {
-                return std::task::Poll::Pending;
-            }
-            self.heard = now;
-            std::task::Poll::Ready(())
-        })
-    }
-}
-
 /// The live topology, shared by the monitor (writer) and every session (readers).
 #[derive(Clone)]
 pub struct SharedTopology(Arc<Shared>);
@@ -363,7 +291,7 @@ struct Shared {
     version: watch::Sender<u64>,
     /// Changes only with the epoch: what sessions holding a primary
     /// connection watch, without waking on every poll round.
-    epoch: EpochBell,
+    epoch: Arc<Bell>,
     /// Wakes the monitor for an immediate poll round.
     refresh: Notify,
 }
@@ -374,7 +302,7 @@ impl SharedTopology {
         SharedTopology(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(topology),
             version: watch::Sender::new(0),
-            epoch: EpochBell::new(epoch),
+            epoch: Bell::new(epoch.0),
             refresh: Notify::new(),
         }))
     }
@@ -412,7 +340,7 @@ impl SharedTopology {
         });
         if changed {
             self.0.version.send_modify(|v| *v = v.wrapping_add(1));
-            self.0.epoch.ring(self.load().epoch);
+            self.0.epoch.ring(self.load().epoch.0);
         }
         changed
     }
@@ -440,8 +368,8 @@ impl SharedTopology {
     }
 
     /// Hears every new epoch (a new primary, a fencing).
-    pub fn epochs(&self) -> EpochListener {
-        self.0.epoch.listen(self.clone())
+    pub fn epochs(&self) -> bell::Listener {
+        self.0.epoch.listen()
     }
 
     /// Asks the monitor for a poll round now instead of at the next tick: for
@@ -509,32 +437,6 @@ mod tests {
             node.health = health;
         }
         t
-    }
-
-    #[tokio::test]
-    async fn a_new_epoch_wakes_its_listeners_once() {
-        let shared = SharedTopology::new(topology(&[(Role::Primary, Health::Up)]));
-        let mut listener = shared.epochs();
-        let gone = shared.epochs();
-        drop(gone);
-        let quiet = tokio::time::timeout(Duration::from_millis(20), listener.changed());
-        assert!(quiet.await.is_err(), "nothing happened yet");
-        // A publish that keeps the epoch wakes no one.
-        shared.update(|t| t.nodes[0].health = Health::Down);
-        let quiet = tokio::time::timeout(Duration::from_millis(20), listener.changed());
-        assert!(quiet.await.is_err());
-        let waiting = tokio::spawn(async move {
-            listener.changed().await;
-            listener
-        });
-        tokio::task::yield_now().await;
-        shared.update(|t| t.epoch = t.epoch.next());
-        let mut listener = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken")
-            .unwrap();
-        let quiet = tokio::time::timeout(Duration::from_millis(20), listener.changed());
-        assert!(quiet.await.is_err(), "heard once");
     }
 
     #[test]

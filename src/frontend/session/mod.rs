@@ -22,11 +22,8 @@ pub use state::{
 };
 pub use statements::{StaleStatements, Statement};
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tokio::sync::watch;
 
 use self::consistency::Consistency;
 use self::pending::{Capture, Kind, ParseUndo, Pending};
@@ -255,7 +252,7 @@ pub struct Session {
     query_cancelled: bool,
     /// New topology epochs: a transaction on a primary that lost its epoch
     /// is ended at once, not left to write to a fenced node.
-    epochs: crate::topology::EpochListener,
+    epochs: crate::bell::Listener,
     /// The current extended batch ends a write: learn the commit LSN at Sync.
     unit_writes: bool,
     /// ...or run a COPY: then learn it only once the unit is over.
@@ -283,17 +280,13 @@ pub struct Session {
     pools: Vec<Option<crate::pool::registry::PoolHandle>>,
     /// Where lanes answer this session's reads, made on first use.
     lane_replies: Option<Box<crate::pool::lane::Replies>>,
-    shutdown: watch::Receiver<bool>,
+    /// Hears the proxy start its shutdown (`Shared::stopping`).
+    stopping: crate::bell::Listener,
     draining: bool,
 }
 
 impl Session {
-    pub fn new(
-        shared: Arc<Shared>,
-        client: ClientConn,
-        setup: SessionSetup,
-        shutdown: watch::Receiver<bool>,
-    ) -> Session {
+    pub fn new(shared: Arc<Shared>, client: ClientConn, setup: SessionSetup) -> Session {
         let SessionSetup {
             user,
             slot,
@@ -305,6 +298,7 @@ impl Session {
             attached,
         } = setup;
         let epochs = shared.topology.epochs();
+        let stopping = shared.stopping.listen();
         let stats = shared.stats.database(&database);
         let limits = SessionLimits::from_config(&shared.config.load());
         let mut client = client;
@@ -354,7 +348,7 @@ impl Session {
             unit_started: None,
             pools: Vec::new(),
             lane_replies: None,
-            shutdown,
+            stopping,
             draining: false,
         }
     }
@@ -406,17 +400,12 @@ impl Session {
     /// what makes an idle client cost a few KiB. A busy session keeps its
     /// box from event to event (see `handle_while_busy`).
     async fn serve(&mut self) -> Result<(), ClientError> {
-        // Made once: a `changed()` future made on every turn of the loop
-        // would register and unregister a waiter each time.
-        let mut shutdown = self.shutdown.clone();
-        let stop = shutdown.changed();
-        tokio::pin!(stop);
         let mut event = Event::Start;
         loop {
-            if Box::pin(self.handle_while_busy(event, stop.as_mut())).await? == Flow::End {
+            if Box::pin(self.handle_while_busy(event)).await? == Flow::End {
                 return Ok(());
             }
-            match self.next_event(stop.as_mut()).await? {
+            match self.next_event().await? {
                 Some(next) => event = next,
                 None => return Ok(()),
             }
@@ -426,11 +415,7 @@ impl Session {
     /// attached (a transaction, replies owed). A box per event was an
     /// allocation of over a KiB, too large for the allocator's fast path,
     /// and its copy: some 14 a TPC-B transaction.
-    async fn handle_while_busy<F: Future>(
-        &mut self,
-        mut event: Event,
-        mut stop: Pin<&mut F>,
-    ) -> Result<Flow, ClientError> {
+    async fn handle_while_busy(&mut self, mut event: Event) -> Result<Flow, ClientError> {
         loop {
             if self.handle(event).await? == Flow::End {
                 return Ok(Flow::End);
@@ -438,17 +423,14 @@ impl Session {
             if self.server.is_none() {
                 return Ok(Flow::Wait);
             }
-            match self.next_event(stop.as_mut()).await? {
+            match self.next_event().await? {
                 Some(next) => event = next,
                 None => return Ok(Flow::End),
             }
         }
     }
     /// What wakes the session next; `None` when the client has closed.
-    async fn next_event<F: Future>(
-        &mut self,
-        stop: Pin<&mut F>,
-    ) -> Result<Option<Event>, ClientError> {
+    async fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
         let on_primary = self
             .server
             .as_ref()
@@ -473,16 +455,15 @@ impl Session {
             },
             _ = expiry => Event::Timeout(timeout.expect("armed").1),
             // Only an idle session is woken to end: a busy one sees the
-            // shutdown at its next event (in `handle`), and this wait, polled
-            // on every wake of the session, costs a mutex a poll.
-            _ = stop, if !self.draining && idle => Event::ShutdownStarted,
+            // shutdown at its next event (in `handle`).
+            _ = self.stopping.changed(), if !self.draining && idle => Event::ShutdownStarted,
             _ = self.epochs.changed(), if on_primary => Event::NewEpoch,
         }))
     }
     /// Handles what woke the session, then every complete client message
     /// buffered, and flushes both sides.
     async fn handle(&mut self, event: Event) -> Result<Flow, ClientError> {
-        if *self.shutdown.borrow() {
+        if self.stopping.value() != 0 {
             self.draining = true;
         }
         match event {
