@@ -195,8 +195,8 @@ impl ReplicaPicker {
     ) -> Vec<NodeId> {
         let mut nodes = Vec::with_capacity(topology.nodes.len());
         if destination == Destination::Replica {
-            let replicas: Vec<NodeId> = topology.read_replicas(min_lsn).map(|n| n.id).collect();
-            self.extend_in_turn(&mut nodes, &replicas);
+            nodes.extend(topology.read_replicas(min_lsn).map(|n| n.id));
+            self.rotate_in_turn(&mut nodes);
         }
         nodes.extend(topology.primary().map(|p| p.id));
         nodes
@@ -217,21 +217,23 @@ impl ReplicaPicker {
         let sticky = preferred
             .filter(|&id| id.0 < topology.nodes.len() && topology.serves_reads_at(id, min_lsn));
         nodes.extend(sticky);
-        let others: Vec<NodeId> = topology
-            .read_replicas(min_lsn)
-            .map(|n| n.id)
-            .filter(|&id| Some(id) != sticky)
-            .collect();
-        self.extend_in_turn(&mut nodes, &others);
+        let first_other = nodes.len();
+        nodes.extend(
+            topology
+                .read_replicas(min_lsn)
+                .map(|n| n.id)
+                .filter(|&id| Some(id) != sticky),
+        );
+        self.rotate_in_turn(&mut nodes[first_other..]);
         nodes.extend(topology.primary().map(|p| p.id));
         nodes
     }
 
-    /// Appends `replicas` rotated to start with the next in turn.
-    fn extend_in_turn(&self, nodes: &mut Vec<NodeId>, replicas: &[NodeId]) {
+    /// Rotates `replicas` to start with the next in turn.
+    fn rotate_in_turn(&self, replicas: &mut [NodeId]) {
         if !replicas.is_empty() {
             let start = self.next.fetch_add(1, Ordering::Relaxed) % replicas.len();
-            nodes.extend(replicas[start..].iter().chain(&replicas[..start]));
+            replicas.rotate_left(start);
         }
     }
 }

@@ -105,7 +105,12 @@ fn is_multi_statement(sql: &str) -> bool {
 /// The statement's first keyword, without allocating: most statements are
 /// ruled out by it alone, on the hot path.
 fn first_word(sql: &str) -> &str {
-    let rest = skip_comments(sql);
+    // Most statements start with their keyword.
+    let rest = if sql.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) {
+        sql
+    } else {
+        skip_comments(sql)
+    };
     let end = rest
         .bytes()
         .position(|b| !b.is_ascii_alphabetic())
