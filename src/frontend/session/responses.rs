@@ -257,7 +257,7 @@ impl Session {
         }
     }
     /// The replica was behind the session's floor. Watch it replay (one
-    /// small query a round trip) until it or another replica is known past
+    /// small query a millisecond) until it or another replica is known past
     /// the floor, or `ryw_wait` runs out; then redo the read there, or on
     /// the primary.
     ///
