@@ -5,8 +5,9 @@
 //! → `pool` (server connections) → PostgreSQL (over `server_tls` when
 //! configured, as the admin connections are), with `topology` (who is primary,
 //! who is up) beside it, `proxy` wiring them together, `metrics` and `admin`
-//! (HTTP: /metrics, /health, /ready, /topology) for operators, and `demo`
-//! bootstrapping local clusters for the demo, the tests and the benchmarks.
+//! (HTTP: /metrics, /health, /ready, /topology) for operators, `bell` for
+//! the rare signals every session waits on, and `demo` bootstrapping local
+//! clusters for the demo, the tests and the benchmarks.
 #![forbid(unsafe_code)]
 
 pub mod admin;

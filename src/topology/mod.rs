@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
 
 use crate::bell::{self, Bell};
-use tokio::sync::{Notify, watch};
 
 pub use lsn::{Lsn, LsnParseError};
 pub use probe::Credentials;
