@@ -86,9 +86,7 @@ impl ClientConn {
                 self.count_received(n);
                 return Ok(n);
             }
-            if self.read_buf.capacity() < FIRST_READ {
-                self.read_buf.reserve(FIRST_READ);
-            }
+            self.read_buf.reserve(FIRST_READ);
         } else if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 2 {
             self.read_buf.reserve(READ_CHUNK);
         }

@@ -105,12 +105,7 @@ fn is_multi_statement(sql: &str) -> bool {
 /// The statement's first keyword, without allocating: most statements are
 /// ruled out by it alone, on the hot path.
 fn first_word(sql: &str) -> &str {
-    // Most statements start with their keyword.
-    let rest = if sql.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) {
-        sql
-    } else {
-        skip_comments(sql)
-    };
+    let rest = skip_comments(sql);
     let end = rest
         .bytes()
         .position(|b| !b.is_ascii_alphabetic())
@@ -249,6 +244,10 @@ fn after_words(sql: &str, n: usize) -> String {
 }
 
 fn skip_comments(sql: &str) -> &str {
+    // Most statements start with their keyword: nothing to skip.
+    if sql.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) {
+        return sql;
+    }
     let mut rest = sql.trim_start();
     loop {
         if let Some(after) = rest.strip_prefix("--") {
