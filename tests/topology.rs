@@ -323,3 +323,34 @@ async fn a_refresh_request_polls_at_once() {
     assert_eq!(topology.load().epoch, Epoch(2));
     s.shutdown().await;
 }
+
+/// WAL written without commits (reads on the primary setting hint bits and
+/// pruning pages) keeps a replica a few bytes behind at every poll while its
+/// last replayed commit ages: it still keeps up, and stays in rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_without_commits_does_not_age_a_replica_that_keeps_up() {
+    let s = Setup::start("[routing]\nmax_replica_lag = \"1s\"\n").await;
+    s.psql(0, "create table t (x int)");
+    s.caught_up();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres password=postgres dbname=postgres",
+        s.cluster.primary().port
+    );
+    let (primary, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut seen_behind = 0;
+    while Instant::now() < until {
+        primary
+            .batch_execute("select pg_logical_emit_message(false, 'tidepool', 'x')")
+            .await
+            .unwrap();
+        let t = s.topology().load_full();
+        for n in &t.nodes[1..] {
+            assert!(n.serves_reads(), "keeps up, yet out of rotation: {n:#?}");
+            seen_behind += usize::from(n.lag_bytes.is_some_and(|b| b > 0));
+        }
+    }
+    assert!(seen_behind > 0, "never seen behind: the test shows nothing");
+    s.shutdown().await;
+}

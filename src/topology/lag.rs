@@ -1,6 +1,7 @@
 //! How far behind a replica is, and whether that keeps it from serving reads.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use super::Lsn;
 
@@ -53,9 +54,12 @@ pub struct Lag {
 /// - otherwise the smaller of two upper bounds on how stale its reads are:
 ///   `replay_age` (whatever the replica lacks was committed after that
 ///   commit; subject to clock skew between the two hosts), and
-///   `since_caught_up`, the time since the monitor last saw it caught up
-///   (whatever it lacks was written after that). The second bound keeps the
-///   first commit after a long idle period from looking like hours of lag.
+///   `since_caught_up`, the time since the primary was last seen at or
+///   before the replica's replay LSN (whatever it lacks was written after
+///   that; see `PrimaryHistory`). The second bound keeps the first commit
+///   after a long idle period from looking like hours of lag, and WAL
+///   written without commits (hint bits, pruning by reads on the primary)
+///   from aging a replica that keeps up.
 pub fn measure(
     replay_lsn: Option<Lsn>,
     primary_lsn: Option<Lsn>,
@@ -85,9 +89,62 @@ pub fn measure(
     }
 }
 
+/// The primary's WAL position at the start of each recent poll round.
+///
+/// A replica that has replayed up to the primary's position of a round has
+/// everything written before that round started: it is at most that old.
+/// Comparing only with the current round (caught up or not) made a replica
+/// always a few hundred bytes behind a busy primary look as stale as its
+/// last replayed commit, 10 s and more when the primary wrote WAL but
+/// committed nothing (reads setting hint bits and pruning pages), and drop
+/// out of rotation although it replayed within milliseconds.
+#[derive(Debug, Default)]
+pub struct PrimaryHistory {
+    rounds: VecDeque<(Instant, Lsn)>,
+}
+
+impl PrimaryHistory {
+    /// Records the primary's LSN of the round started at `started`, keeping
+    /// rounds back to `horizon` before it (and always the newest).
+    pub fn record(&mut self, started: Instant, lsn: Lsn, horizon: Duration) {
+        self.rounds.push_back((started, lsn));
+        while self.rounds.len() > 1 && self.rounds[0].0 + horizon < started {
+            self.rounds.pop_front();
+        }
+    }
+
+    /// The start of the latest round whose primary position the replica
+    /// has replayed, if any is remembered.
+    pub fn replayed_at(&self, replay: Lsn) -> Option<Instant> {
+        self.rounds
+            .iter()
+            .rev()
+            .find(|(_, lsn)| *lsn <= replay)
+            .map(|(started, _)| *started)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_is_as_old_as_the_last_primary_position_it_replayed() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut history = PrimaryHistory::default();
+        for (i, lsn) in [100, 200, 300, 400].into_iter().enumerate() {
+            history.record(t0 + ms(100 * i as u64), Lsn(lsn), ms(10_000));
+        }
+        assert_eq!(history.replayed_at(Lsn(400)), Some(t0 + ms(300)));
+        assert_eq!(history.replayed_at(Lsn(399)), Some(t0 + ms(200)));
+        assert_eq!(history.replayed_at(Lsn(100)), Some(t0));
+        assert_eq!(history.replayed_at(Lsn(99)), None);
+        // Rounds past the horizon are forgotten.
+        history.record(t0 + ms(10_150), Lsn(500), ms(10_000));
+        assert_eq!(history.replayed_at(Lsn(299)), None);
+        assert_eq!(history.replayed_at(Lsn(300)), Some(t0 + ms(200)));
+    }
 
     const LIMITS: Limits = Limits {
         max_bytes: 1000,

@@ -56,12 +56,11 @@ impl MonitorSettings {
     }
 }
 
-/// One node's probe, its failure streak and when it was last seen caught up.
+/// One node's probe and its failure streak.
 struct NodePoller {
     id: NodeId,
     probe: Probe,
     failures: u32,
-    caught_up_at: Option<Instant>,
 }
 
 /// What one round concluded about a node; `None` in `Observation` means down.
@@ -78,6 +77,7 @@ struct Monitor {
     settings: MonitorSettings,
     credentials: Credentials,
     pollers: Vec<NodePoller>,
+    primary_history: lag::PrimaryHistory,
 }
 
 /// Polls every node once, then keeps polling every `poll_interval` (or at
@@ -96,7 +96,6 @@ pub async fn start(
             id: n.id,
             probe: Probe::new(n.addr),
             failures: 0,
-            caught_up_at: None,
         })
         .collect();
     let mut monitor = Monitor {
@@ -109,6 +108,7 @@ pub async fn start(
         topology,
         settings,
         pollers,
+        primary_history: lag::PrimaryHistory::default(),
     };
     monitor.round(true).await;
     tokio::spawn(async move {
@@ -196,30 +196,31 @@ impl Monitor {
             (Some((_, lsn)), _) | (None, [(_, lsn)]) => *lsn,
             _ => None,
         };
+        if let Some(lsn) = primary_lsn {
+            // A replica further behind than this is over the time limit
+            // by its replay age anyway, or by the byte limit.
+            let horizon = 2 * self.settings.limits().max_time;
+            self.primary_history.record(started, lsn, horizon);
+        }
         let threshold = self.settings.failures_before_down;
         let mut observations = Vec::with_capacity(results.len());
         for (poller, result) in self.pollers.iter_mut().zip(results) {
             match result {
                 Ok(sample) => {
                     poller.failures = 0;
-                    let since_caught_up = poller.caught_up_at.map(|t| now - t);
+                    let since_caught_up = sample
+                        .replay_lsn
+                        .and_then(|replay| self.primary_history.replayed_at(replay))
+                        .map(|t| now - t);
                     let lag = lag::measure(
                         sample.replay_lsn,
                         primary_lsn,
                         sample.replay_age,
                         since_caught_up,
                     );
-                    if sample.role != Role::Replica {
-                        poller.caught_up_at = None;
-                    } else if lag.caught_up {
-                        // Its replay LSN, read after `started`, is at least the
-                        // primary's at `started`: nothing older is missing.
-                        poller.caught_up_at = Some(started);
-                    }
                     observations.push((poller.id, Some(Seen { sample, lag })));
                 }
                 Err(e) => {
-                    poller.caught_up_at = None;
                     poller.failures = poller.failures.saturating_add(1);
                     if first || poller.failures == threshold {
                         tracing::warn!(node = %poller.id, error = %e, "node poll failed");
