@@ -54,7 +54,7 @@ pub struct Lag {
 /// - otherwise the smaller of two upper bounds on how stale its reads are:
 ///   `replay_age` (whatever the replica lacks was committed after that
 ///   commit; subject to clock skew between the two hosts), and
-///   `since_caught_up`, the time since the primary was last seen at or
+///   `since_replayed`, the time since the primary was last seen at or
 ///   before the replica's replay LSN (whatever it lacks was written after
 ///   that; see `PrimaryHistory`). The second bound keeps the first commit
 ///   after a long idle period from looking like hours of lag, and WAL
@@ -64,7 +64,7 @@ pub fn measure(
     replay_lsn: Option<Lsn>,
     primary_lsn: Option<Lsn>,
     replay_age: Option<Duration>,
-    since_caught_up: Option<Duration>,
+    since_replayed: Option<Duration>,
 ) -> Lag {
     let (Some(replay), Some(primary)) = (replay_lsn, primary_lsn) else {
         return Lag {
@@ -77,7 +77,7 @@ pub fn measure(
     let time = if bytes == 0 {
         Some(Duration::ZERO)
     } else {
-        match (replay_age, since_caught_up) {
+        match (replay_age, since_replayed) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }

@@ -208,7 +208,7 @@ impl Monitor {
             match result {
                 Ok(sample) => {
                     poller.failures = 0;
-                    let since_caught_up = sample
+                    let since_replayed = sample
                         .replay_lsn
                         .and_then(|replay| self.primary_history.replayed_at(replay))
                         .map(|t| now - t);
@@ -216,7 +216,7 @@ impl Monitor {
                         sample.replay_lsn,
                         primary_lsn,
                         sample.replay_age,
-                        since_caught_up,
+                        since_replayed,
                     );
                     observations.push((poller.id, Some(Seen { sample, lag })));
                 }
