@@ -11,6 +11,7 @@ use common::raw::RawClient;
 use common::{Harness, simple_rows, simple_value};
 use tidepool::protocol::backend;
 use tidepool::protocol::frontend as fe;
+use tidepool::topology::Lsn;
 
 #[derive(Default)]
 struct Tally {
@@ -221,4 +222,40 @@ async fn the_token_arrives_before_ready_for_query() {
             "{sql}: a message after ReadyForQuery: {after:?}"
         );
     }
+}
+
+/// With `synchronous_commit = off` a COMMIT returns before its WAL is
+/// written, so what has been written (`pg_current_wal_lsn()`) can be short
+/// of the commit, and a replica that replayed that far lacks it: the token
+/// must still be past everything the transaction wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_asynchronous_commit_gets_a_token_past_its_commit() {
+    let h = Harness::start("").await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute("create table t (x int); grant all on t to app")
+        .await
+        .unwrap();
+    let c = h.connect().await;
+    c.batch_execute("set synchronous_commit = off")
+        .await
+        .unwrap();
+    let mut short = 0;
+    for i in 0..50 {
+        c.batch_execute("begin").await.unwrap();
+        c.batch_execute(&format!("insert into t values ({i})"))
+            .await
+            .unwrap();
+        let written: Lsn = simple_value(&c, "select pg_current_wal_insert_lsn()")
+            .await
+            .parse()
+            .unwrap();
+        c.batch_execute("commit").await.unwrap();
+        let token: Lsn = simple_value(&c, "show tidepool.lsn").await.parse().unwrap();
+        // The commit record comes after the insert's: strictly past it.
+        if token <= written {
+            short += 1;
+        }
+    }
+    assert_eq!(short, 0, "tokens short of their own transaction's WAL");
 }

@@ -32,8 +32,19 @@ impl LsnQuery {
     }
 }
 
-pub static COMMIT_LSN: LazyLock<LsnQuery> =
-    LazyLock::new(|| LsnQuery::new(b"_tp_commit_lsn", "select pg_current_wal_lsn()"));
+/// Where WAL has been written: a COMMIT that waited for its WAL is before
+/// it, and other sessions' records not yet written are not (a replica can
+/// reach it at once). With `synchronous_commit = off` the COMMIT returns
+/// before its WAL is written, so where WAL has been inserted instead; the
+/// setting is read after the COMMIT, so a `SET LOCAL` of it inside the
+/// transaction is not seen.
+pub static COMMIT_LSN: LazyLock<LsnQuery> = LazyLock::new(|| {
+    LsnQuery::new(
+        b"_tp_commit_lsn",
+        "select case current_setting('synchronous_commit') \
+         when 'off' then pg_current_wal_insert_lsn() else pg_current_wal_lsn() end",
+    )
+});
 
 pub static REPLAY_LSN: LazyLock<LsnQuery> =
     LazyLock::new(|| LsnQuery::new(b"_tp_replay_lsn", "select pg_last_wal_replay_lsn()"));
