@@ -132,3 +132,31 @@ async fn pool_exhaustion_is_53300() {
     holder.batch_execute("commit").await.unwrap();
     waiter.batch_execute("select 1").await.unwrap();
 }
+
+/// A replica shutting down (smart shutdown, waiting for an open session)
+/// refuses new connections with 57P03 while the monitor's connection still
+/// answers for it: a read that meets the refusal goes to another node
+/// instead of passing the refusal on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_refusing_new_connections_sends_reads_elsewhere() {
+    let h = Harness::start("").await;
+    let refusing = h.cluster.nodes()[1].port;
+    let holder = connect(&format!(
+        "host=127.0.0.1 port={refusing} user=postgres password=postgres dbname=postgres"
+    ))
+    .await
+    .unwrap();
+    h.cluster.signal(1, libc::SIGTERM);
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={refusing} user=postgres password=postgres dbname=postgres"
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(sqlstate(&direct), "57P03", "{direct}");
+    let c = h.connect().await;
+    for _ in 0..10 {
+        let port = served_by(&c, "select inet_server_port()").await;
+        assert_ne!(port, refusing);
+    }
+    drop(holder);
+}

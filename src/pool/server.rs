@@ -43,6 +43,31 @@ pub enum ServerError {
     TlsRefused(ServerSslMode),
 }
 
+/// Why a node refused a connection that another node may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No answer, or starting up, shutting down or in crash recovery
+    /// (57P01-57P03).
+    Down,
+    /// Out of connection slots (53300).
+    Full,
+}
+
+impl ServerError {
+    /// `None` when the login itself is refused (bad password, unknown
+    /// database): every node would refuse it alike.
+    pub fn unavailable(&self) -> Option<Unavailable> {
+        match self {
+            ServerError::Rejected(fields) => match fields.code.as_str() {
+                "57P01" | "57P02" | "57P03" => Some(Unavailable::Down),
+                "53300" => Some(Unavailable::Full),
+                _ => None,
+            },
+            _ => Some(Unavailable::Down),
+        }
+    }
+}
+
 /// What SCRAM binds the exchange to, so that a man in the middle of a TLS
 /// connection whose certificate was not checked (sslmode prefer, require)
 /// cannot relay the authentication.

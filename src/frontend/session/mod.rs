@@ -36,7 +36,7 @@ use super::stats::DatabaseStats;
 use super::users::{UserEntry, UserSlot};
 use crate::config::{ConsistencyMode, PoolMode};
 use crate::pool::registry::CheckoutError;
-use crate::pool::{Checkout, PoolKey, ServerError, discard};
+use crate::pool::{Checkout, PoolKey, discard};
 use crate::protocol::backend::{self, ErrorFields, Severity, TxStatus};
 use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
 use crate::protocol::{Frame, frame};

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::pool::lsn_query::{COMMIT_LSN, REPLAY_LSN};
-use crate::pool::server::Prepared;
+use crate::pool::server::{Prepared, Unavailable};
 
 impl Session {
     /// Pipelined right behind the client's statement, so the client waits
@@ -260,18 +260,15 @@ impl Session {
                     self.server = Some(Attached::new(conn, role, &self.shared));
                     return Ok(());
                 }
-                Err(
-                    e @ CheckoutError::Connect {
-                        source: ServerError::Rejected(_),
-                        ..
-                    },
-                ) => {
-                    last_error = e.into();
-                    break;
-                }
-                Err(e @ CheckoutError::Connect { .. }) => {
-                    self.shared.topology.report_unreachable(node);
-                    last_error = e.into();
+                Err(CheckoutError::Connect { addr, source }) => {
+                    let unavailable = source.unavailable();
+                    if unavailable == Some(Unavailable::Down) {
+                        self.shared.topology.report_unreachable(node);
+                    }
+                    last_error = CheckoutError::Connect { addr, source }.into();
+                    if unavailable.is_none() {
+                        break;
+                    }
                 }
                 Err(e) => {
                     last_error = e.into();
