@@ -141,17 +141,9 @@ async fn pool_exhaustion_is_53300() {
 async fn a_replica_refusing_new_connections_sends_reads_elsewhere() {
     let h = Harness::start("").await;
     let refusing = h.cluster.nodes()[1].port;
-    let holder = connect(&format!(
-        "host=127.0.0.1 port={refusing} user=postgres password=postgres dbname=postgres"
-    ))
-    .await
-    .unwrap();
+    let holder = connect(&h.admin_url(refusing)).await.unwrap();
     h.cluster.signal(1, libc::SIGTERM);
-    let direct = connect(&format!(
-        "host=127.0.0.1 port={refusing} user=postgres password=postgres dbname=postgres"
-    ))
-    .await
-    .unwrap_err();
+    let direct = connect(&h.admin_url(refusing)).await.unwrap_err();
     assert_eq!(sqlstate(&direct), "57P03", "{direct}");
     let c = h.connect().await;
     for _ in 0..10 {

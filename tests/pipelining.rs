@@ -160,11 +160,7 @@ async fn reads_on_a_lost_connection_are_run_again() {
     let (_busy, busy_pid) = someone_else_busy(&h).await;
     let mut replicas = Vec::new();
     for port in h.replica_ports() {
-        let url = format!(
-            "host=127.0.0.1 port={port} user=postgres password={} dbname=postgres",
-            h.cluster.admin_password()
-        );
-        replicas.push(common::connect(&url).await.unwrap());
+        replicas.push(common::connect(&h.admin_url(port)).await.unwrap());
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();

@@ -38,8 +38,6 @@ impl Limits {
 pub struct Lag {
     pub bytes: Option<u64>,
     pub time: Option<Duration>,
-    /// Replayed everything the primary had written: lag is exactly 0.
-    pub caught_up: bool,
 }
 
 /// Measures a replica against the primary's current LSN of the same round
@@ -70,7 +68,6 @@ pub fn measure(
         return Lag {
             bytes: None,
             time: None,
-            caught_up: false,
         };
     };
     let bytes = replay.bytes_behind(primary);
@@ -85,7 +82,6 @@ pub fn measure(
     Lag {
         bytes: Some(bytes),
         time,
-        caught_up: bytes == 0,
     }
 }
 
@@ -193,7 +189,6 @@ mod tests {
         let lag = measure(Some(Lsn(500)), Some(Lsn(500)), secs(3600), None);
         assert_eq!(lag.bytes, Some(0));
         assert_eq!(lag.time, Some(Duration::ZERO));
-        assert!(lag.caught_up);
         // Sampled a moment after the primary: ahead of it, still 0.
         assert_eq!(
             measure(Some(Lsn(600)), Some(Lsn(500)), None, None).bytes,
@@ -206,7 +201,6 @@ mod tests {
         let lag = measure(Some(Lsn(100)), Some(Lsn(500)), secs(3600), secs(1));
         assert_eq!(lag.bytes, Some(400));
         assert_eq!(lag.time, secs(1));
-        assert!(!lag.caught_up);
         let lag = measure(Some(Lsn(100)), Some(Lsn(500)), secs(2), secs(30));
         assert_eq!(lag.time, secs(2));
         assert_eq!(
@@ -219,6 +213,6 @@ mod tests {
     #[test]
     fn without_a_primary_nothing_is_known() {
         let lag = measure(Some(Lsn(100)), None, secs(1), secs(1));
-        assert_eq!((lag.bytes, lag.time, lag.caught_up), (None, None, false));
+        assert_eq!((lag.bytes, lag.time), (None, None));
     }
 }

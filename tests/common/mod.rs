@@ -111,13 +111,17 @@ impl Harness {
 
     /// A client straight to the primary as the admin, for setup and checks.
     pub async fn admin(&self) -> Client {
-        connect(&format!(
-            "host=127.0.0.1 port={} user=postgres password={} dbname=postgres",
-            self.primary_port(),
+        connect(&self.admin_url(self.primary_port()))
+            .await
+            .expect("connect to primary")
+    }
+
+    /// The admin's connection string for the node on `port`, bypassing tidepool.
+    pub fn admin_url(&self, port: u16) -> String {
+        format!(
+            "host=127.0.0.1 port={port} user=postgres password={} dbname=postgres",
             self.cluster.admin_password()
-        ))
-        .await
-        .expect("connect to primary")
+        )
     }
 
     /// Waits out a few of the monitor's polls (100 ms apart), so that the
