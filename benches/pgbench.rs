@@ -636,8 +636,8 @@ impl Bench {
     /// replay it all, so that the cleanup of one workload's writes does not
     /// fall on the next workload's first runs: in the 2026-12-06 run, every
     /// target of the first `-M extended` round after the TPC-B rounds ran 12–28%
-    /// below its two later rounds (the first targets of the round the most),
-    /// and direct TPC-B rose 2223 → 2524 → 2749 TPS over its rounds.
+    /// below its two later rounds (the first targets of the round the most), and
+    /// replicas fell up to 325 ms behind during the read_your_writes runs.
     fn settle(&self) {
         let started = Instant::now();
         let sql = [
