@@ -320,6 +320,7 @@ impl Session {
     pub(super) fn pin(&mut self, reason: PinReason) {
         if self.pinned.is_none() && self.mode() == PoolMode::Transaction {
             tracing::info!(
+                parent: &self.span,
                 reason = reason.as_str(),
                 "client pinned to its server connection"
             );

@@ -59,6 +59,8 @@ pub struct SessionSetup {
     pub pool_mode: PoolMode,
     /// Session mode: the primary connection checked out at startup, kept.
     pub attached: Option<Checkout>,
+    /// The client's span (address, user, database), for the session's events.
+    pub span: tracing::Span,
 }
 
 /// A server connection serving this client right now.
@@ -239,6 +241,9 @@ pub struct Session {
     last_command: Option<Vec<u8>>,
     /// Held on its server connection for good (transaction mode only).
     pinned: Option<PinReason>,
+    /// Named as the parent of the session's events: the session's task runs
+    /// outside it (see `frontend::serve_client`).
+    span: tracing::Span,
     consistency: Consistency,
     pool_mode: PoolMode,
     /// This database's SHOW STATS counters.
@@ -296,6 +301,7 @@ impl Session {
             mode,
             pool_mode,
             attached,
+            span,
         } = setup;
         let epochs = shared.topology.epochs();
         let stopping = shared.stopping.listen();
@@ -330,6 +336,7 @@ impl Session {
             txn_param_changes: Vec::new(),
             last_command: None,
             pinned: None,
+            span,
             consistency: Consistency::new(mode),
             pool_mode,
             stats,
@@ -547,7 +554,7 @@ impl Session {
                 let Some(server) = &self.server else {
                     return Ok(());
                 };
-                tracing::warn!(addr = %server.conn.addr, "query_timeout: cancelling the query");
+                tracing::warn!(parent: &self.span, addr = %server.conn.addr, "query_timeout: cancelling the query");
                 self.shared
                     .cancels
                     .send_cancel(server.conn.addr, server.conn.key)
@@ -557,8 +564,9 @@ impl Session {
                 Ok(())
             }
             Timeout::Query => {
+                let span = &self.span;
                 if let Some(server) = &mut self.server {
-                    tracing::warn!(addr = %server.conn.addr, "query_timeout: no answer to the cancel either; giving the server up");
+                    tracing::warn!(parent: span, addr = %server.conn.addr, "query_timeout: no answer to the cancel either; giving the server up");
                     server.fatal = Some(backend::error_response(
                         Severity::Fatal,
                         "08006",
@@ -580,7 +588,7 @@ impl Session {
                 .lost_its_epoch(s.conn.node, s.role)
         });
         if demoted {
-            tracing::warn!("the primary lost its epoch: ending the work on it");
+            tracing::warn!(parent: &self.span, "the primary lost its epoch: ending the work on it");
             self.on_server_lost().await?;
         }
         Ok(())

@@ -153,6 +153,7 @@ impl Session {
                     // Read-only transaction on the node believed primary: it
                     // was demoted. Never write there again; look now.
                     tracing::warn!(
+                        parent: &self.span,
                         "the primary refused a write as read-only: refreshing the topology"
                     );
                     self.shared.topology.request_refresh();
@@ -395,7 +396,7 @@ impl Session {
             self.pending.clear();
             return self.release_held_ready().await;
         }
-        tracing::warn!(%node, "server connection lost");
+        tracing::warn!(parent: &self.span, %node, "server connection lost");
         // One dead connection (a terminated backend) says little about the
         // node: ask the monitor to look now. New connections that fail mark
         // the node unreachable at once (`attach`).
@@ -404,6 +405,7 @@ impl Session {
             && self.waiting.is_none()
         {
             tracing::info!(
+                parent: &self.span,
                 frames = replay.frames.len(),
                 "replaying a read on another node"
             );
