@@ -13,9 +13,7 @@ use bytes::{BufMut, BytesMut};
 use crate::config::{Secret, UserConfig};
 use crate::frontend::error::ClientError;
 use crate::frontend::handshake;
-use crate::frontend::session::{
-    self, Params, Statement, param_change, pin_reason, starts_copy, startup_params, sync_sql,
-};
+use crate::frontend::session::{self, Head, Params, Statement, startup_params, sync_sql};
 use crate::frontend::users::{self, UserEntry};
 use crate::protocol::frontend::{self as fe, Bind, Named, Parse};
 use crate::protocol::startup::{self, StartupPacket};
@@ -87,9 +85,10 @@ fn inspect(frame: &Frame) {
 
 /// What the session asks of a statement's text before routing it.
 fn inspect_sql(sql: &str) -> Intent {
-    let _ = pin_reason(sql);
-    let _ = param_change(sql);
-    let _ = starts_copy(sql);
+    let head = Head::of(sql);
+    let _ = head.pin_reason();
+    let _ = head.param_change();
+    let _ = head.starts_copy();
     let _ = leading_hint(sql);
     classifier().classify(sql)
 }

@@ -311,9 +311,10 @@ impl Session {
     /// Session state changed through the extended protocol is not followed:
     /// such a client keeps its server connection.
     pub(super) fn pin_if_needed_extended(&mut self, sql: &str) {
-        if let Some(reason) = state::pin_reason(sql) {
+        let head = state::Head::of(sql);
+        if let Some(reason) = head.pin_reason() {
             self.pin(reason);
-        } else if !matches!(state::param_change(sql), Ok(None)) {
+        } else if !matches!(head.param_change(), Ok(None)) {
             self.pin(PinReason::UntrackedSet);
         }
     }

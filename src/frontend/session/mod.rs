@@ -17,9 +17,7 @@ mod state;
 mod statements;
 mod unit;
 
-pub use state::{
-    ParamChange, Params, PinReason, param_change, pin_reason, starts_copy, startup_params, sync_sql,
-};
+pub use state::{Head, ParamChange, Params, PinReason, starts_copy, startup_params, sync_sql};
 pub use statements::{StaleStatements, Statement};
 
 use std::sync::Arc;
@@ -710,11 +708,12 @@ impl Session {
         if let Intent::Proxy(command) = &intent {
             return self.proxy_command(command).await;
         }
-        if let Some(sql) = sql {
-            if let Some(reason) = state::pin_reason(sql) {
+        let head = sql.map(state::Head::of);
+        if let Some(head) = head {
+            if let Some(reason) = head.pin_reason() {
                 self.pin(reason);
             }
-            match state::param_change(sql) {
+            match head.param_change() {
                 Ok(Some(ParamChange::Deallocate { name }))
                     if self.mode() == PoolMode::Transaction
                         && self.statements.get(name.as_bytes()).is_some() =>
@@ -769,7 +768,7 @@ impl Session {
             }
             let hint = sql.and_then(leading_hint);
             if intent == Intent::Read
-                && sql.is_some_and(|sql| !state::starts_copy(sql))
+                && head.is_some_and(|head| !head.starts_copy())
                 && self.read_on_lane(&frame, hint).await?
             {
                 return Ok(());
@@ -783,7 +782,7 @@ impl Session {
         let ends_writes = ends_write(&intent, self.client_status) && self.param_change.is_none();
         self.unnamed = None;
         self.forward(&frame, Kind::Query).await?;
-        self.capture_after_unit(ends_writes, sql.is_none_or(state::starts_copy))
+        self.capture_after_unit(ends_writes, head.is_none_or(|head| head.starts_copy()))
             .await
     }
     async fn send_to_server(&mut self, frame: &Frame) -> Result<(), ClientError> {
