@@ -114,8 +114,8 @@ fn first_word(sql: &str) -> &str {
 }
 
 /// A statement with its first keyword found once: the checks below each
-/// start from it, and a simple query gets all of them (found three times,
-/// it was 2% of tidepool's instructions per TPC-B transaction).
+/// start from it, and a simple query gets all of them (finding it once per
+/// check cost 0.6K of tidepool's 80.6K instructions per TPC-B transaction).
 #[derive(Clone, Copy)]
 pub struct Head<'a> {
     sql: &'a str,
