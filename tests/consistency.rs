@@ -259,3 +259,42 @@ async fn an_asynchronous_commit_gets_a_token_past_its_commit() {
     }
     assert_eq!(short, 0, "tokens short of their own transaction's WAL");
 }
+
+/// A replica that cannot say how far it has replayed (here the client's
+/// user may not call `pg_last_wal_replay_lsn()`) has not shown a read's
+/// floor: the read goes to the primary, never to that replica unconfirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_cannot_answer_the_probe_gets_no_read_it_must_confirm() {
+    let h = Harness::start("").await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute(
+            "create table t (x int); grant all on t to app;
+             revoke execute on function pg_last_wal_replay_lsn() from public",
+        )
+        .await
+        .unwrap();
+    h.caught_up().await;
+    for replica in 1..=2 {
+        h.cluster
+            .psql(
+                replica,
+                "alter system set recovery_min_apply_delay = '300ms'",
+            )
+            .unwrap();
+        h.cluster.psql(replica, "select pg_reload_conf()").unwrap();
+    }
+    let c = h.connect().await;
+    for i in 1..=10 {
+        c.batch_execute(&format!("insert into t values ({i})"))
+            .await
+            .unwrap();
+        let seen = simple_value(&c, "select count(*) || ':' || inet_server_port() from t").await;
+        let primary = h.primary_port();
+        assert_eq!(
+            seen,
+            format!("{i}:{primary}"),
+            "read {i}: rows and the node"
+        );
+    }
+}

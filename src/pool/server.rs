@@ -390,14 +390,13 @@ impl ServerConnection {
     /// How far this replica has replayed, asked directly (`None` on a primary).
     pub async fn replay_lsn(&mut self, timeout: Duration) -> Result<Option<Lsn>, ServerError> {
         tokio::time::timeout(timeout, async {
-            self.queue_lsn_query(&REPLAY_LSN).await?;
-            self.flush().await?;
+            self.send(&REPLAY_LSN).await?;
             let mut lsn = None;
             loop {
                 let frame = self.read_frame().await?;
                 match frame.tag() {
-                    backend::DATA_ROW => {
-                        lsn = backend::single_text_value(&frame).and_then(|v| v.parse().ok())
+                    backend::FUNCTION_CALL_RESPONSE => {
+                        lsn = backend::function_result_text(&frame).and_then(|v| v.parse().ok())
                     }
                     backend::ERROR_RESPONSE => {
                         return Err(ServerError::Rejected(ErrorFields::decode(&frame)?));

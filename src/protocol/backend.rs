@@ -274,6 +274,13 @@ pub fn single_text_value(frame: &Frame) -> Option<&str> {
     std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()
 }
 
+/// The text value of a FunctionCallResponse; `None` when it is NULL.
+pub fn function_result_text(frame: &Frame) -> Option<&str> {
+    let body = frame.body();
+    let len = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    std::str::from_utf8(body.get(4..4 + usize::try_from(len).ok()?)?).ok()
+}
+
 /// A one-column text result set, for the proxy's own SHOW commands.
 pub fn text_rows(column: &str, rows: &[&str]) -> Vec<Frame> {
     let rows: Vec<Vec<Option<String>>> = rows.iter().map(|r| vec![Some(r.to_string())]).collect();

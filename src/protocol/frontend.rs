@@ -168,6 +168,16 @@ pub fn execute_all() -> Frame {
     })
 }
 
+/// Calls the function with this OID, which takes no arguments; result in text.
+pub fn function_call_no_args(oid: u32) -> Frame {
+    Frame::build(FUNCTION_CALL, |b| {
+        b.put_u32(oid);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    })
+}
+
 pub fn sync() -> Frame {
     Frame::build(SYNC, |_| {})
 }

@@ -144,25 +144,45 @@ impl Node {
 /// stops serving reads, as a restarted replica may come back behind where
 /// it was.
 #[derive(Debug, Clone)]
-pub struct ReplayHints(Arc<[AtomicU64]>);
+pub struct ReplayHints(Arc<Hints>);
+
+#[derive(Debug)]
+struct Hints {
+    lsns: Box<[AtomicU64]>,
+    /// Fires when any hint moves forward: a read waiting for a replica to
+    /// replay its floor learns it from other sessions' probes instead of
+    /// asking the replica itself.
+    advanced: Notify,
+}
 
 impl ReplayHints {
     fn new(nodes: usize) -> ReplayHints {
-        ReplayHints((0..nodes).map(|_| AtomicU64::new(0)).collect())
+        ReplayHints(Arc::new(Hints {
+            lsns: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            advanced: Notify::new(),
+        }))
     }
 
     /// `node` had replayed at least up to `lsn`.
     pub fn record(&self, node: NodeId, lsn: Lsn) {
-        self.0[node.0].fetch_max(lsn.0, Ordering::Relaxed);
+        if self.0.lsns[node.0].fetch_max(lsn.0, Ordering::Relaxed) < lsn.0 {
+            self.0.advanced.notify_waiters();
+        }
+    }
+
+    /// Resolves at the next `record` that moves a hint forward, counted
+    /// from this call, not from the first poll.
+    pub fn advanced(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.advanced.notified()
     }
 
     fn get(&self, node: NodeId) -> Option<Lsn> {
-        let lsn = self.0[node.0].load(Ordering::Relaxed);
+        let lsn = self.0.lsns[node.0].load(Ordering::Relaxed);
         (lsn > 0).then_some(Lsn(lsn))
     }
 
     fn forget(&self, node: NodeId) {
-        self.0[node.0].store(0, Ordering::Relaxed);
+        self.0.lsns[node.0].store(0, Ordering::Relaxed);
     }
 }
 

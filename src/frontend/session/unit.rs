@@ -35,11 +35,17 @@ impl Session {
     /// Sends the attached server the question `capture` wants answered,
     /// behind whatever was sent before it.
     async fn ask(&mut self, capture: Capture) {
+        let server = self.server.as_mut().expect("attached");
         let query = match capture {
             Capture::CommitLsn => &*COMMIT_LSN,
-            Capture::ReplayFloor(_) | Capture::Observed => &*REPLAY_LSN,
+            Capture::ReplayFloor(_) | Capture::Observed => {
+                match server.conn.queue(&REPLAY_LSN).await {
+                    Ok(()) => self.pending.push_capture(capture, Kind::FunctionCall, None),
+                    Err(e) => tracing::debug!(error = %e, "write to server failed"),
+                }
+                return;
+            }
         };
-        let server = self.server.as_mut().expect("attached");
         // A failure before the Execute leaves the statement unknown on the
         // server: it is prepared again (after a Close) the next time.
         let undo = || {
