@@ -298,3 +298,35 @@ async fn a_replica_that_cannot_answer_the_probe_gets_no_read_it_must_confirm() {
         );
     }
 }
+
+/// A replica promoted behind the monitor's back (which here polls once an
+/// hour) left the primary's history before the write: the probe finds it
+/// where its recovery ended, short of the read's floor, and the read goes
+/// to the primary once `ryw_wait` is out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_promoted_behind_the_monitors_back_gets_no_read_it_must_confirm() {
+    let spec = tidepool::demo::cluster::ClusterSpec {
+        replicas: 1,
+        ..Default::default()
+    };
+    // The generated TOML ends inside [cluster]: this line extends it.
+    let h = Harness::start_spec(spec, |_| "poll_interval = \"1h\"\n".into(), |_| {}).await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute("create table t (x int); grant all on t to app")
+        .await
+        .unwrap();
+    h.caught_up().await;
+    let c = h.connect().await;
+    let replica = h.cluster.nodes()[1].port;
+    // The replica's server connection, opened before the promotion, is
+    // pooled and used again after it.
+    assert_eq!(
+        simple_value(&c, "select count(*) || ':' || inet_server_port() from t").await,
+        format!("0:{replica}")
+    );
+    h.cluster.psql(1, "select pg_promote()").unwrap();
+    c.batch_execute("insert into t values (1)").await.unwrap();
+    let seen = simple_value(&c, "select count(*) || ':' || inet_server_port() from t").await;
+    assert_eq!(seen, format!("1:{}", h.primary_port()));
+}

@@ -93,8 +93,19 @@ impl Session {
             {
                 let capture = self.pending.head_capture().expect("checked");
                 self.pending.on_reply(frame.tag());
-                if let Some(lsn) = lsn_value(&frame) {
-                    self.on_capture(capture, lsn).await?;
+                match (lsn_value(&frame), capture) {
+                    (Some(lsn), _) => self.on_capture(capture, lsn).await?,
+                    (None, Capture::ReplayFloor(floor)) => {
+                        // NULL: the node has not been in recovery since it
+                        // started (restarted as a primary behind the
+                        // monitor's back). It has shown no floor, and the
+                        // topology is out of date. (A promoted replica
+                        // answers with where its recovery ended: behind.)
+                        tracing::warn!(parent: &self.span, "a replica answered the probe as a primary: refreshing the topology");
+                        self.shared.topology.request_refresh();
+                        self.treat_read_as_stale(floor);
+                    }
+                    (None, _) => {}
                 }
             }
             backend::ERROR_RESPONSE if is_fatal(&frame) => {
@@ -156,8 +167,7 @@ impl Session {
                 if let Some(floor) = probe_floor
                     && fields.as_ref().is_none_or(|f| f.code != "57014")
                 {
-                    self.stale_read = Some(floor);
-                    self.pending.hide_rest();
+                    self.treat_read_as_stale(floor);
                 }
                 if let Some(fields) = &fields
                     && fields.code == "25006"
@@ -261,8 +271,7 @@ impl Session {
             }
             Capture::ReplayFloor(floor) if lsn < floor => {
                 tracing::debug!(%lsn, %floor, "replica behind the session's floor: redoing the read");
-                self.stale_read = Some(floor);
-                self.pending.hide_rest();
+                self.treat_read_as_stale(floor);
             }
             Capture::ReplayFloor(_) => {}
             Capture::Observed => {
@@ -272,6 +281,12 @@ impl Session {
             }
         }
         Ok(())
+    }
+    /// The replica has not shown the read's `floor`: the answers still to
+    /// come are hidden, and the read is redone once they are in.
+    fn treat_read_as_stale(&mut self, floor: Lsn) {
+        self.stale_read = Some(floor);
+        self.pending.hide_rest();
     }
     /// Sends the ReadyForQuery held for a commit LSN capture, if any.
     async fn release_held_ready(&mut self) -> Result<(), ClientError> {
