@@ -6,13 +6,13 @@ use super::*;
 
 /// How often a read waiting for its replica to replay its floor asks that
 /// replica itself. Between asks it waits for news: every other session's
-/// probe and the monitor's polls land in the topology's replay hints, and
-/// under load they come first. Each ask is a round trip to a replica whose
-/// CPU the reads need: asked back to back for the first millisecond, as
-/// before, write-then-read `-c 8` here ran 0.55 asks a transaction; waiting
-/// for news, 0.2, and the waits ended as soon (48% within 0.5 ms and 80%
-/// within 1 ms, against 43% and 82%). The timer rounds the pause up to its
-/// millisecond tick.
+/// probe lands in the topology's replay hints, and under load such news
+/// comes first (the monitor's polls are seen at the next wake-up). Each
+/// ask is a round trip to a replica whose CPU the reads need: asked back
+/// to back for the first millisecond, as before, write-then-read `-c 8`
+/// here ran 0.55 asks a transaction; waiting for news, 0.2, and the waits
+/// ended as soon (48% within 0.5 ms and 80% within 1 ms, against 43% and
+/// 82%). The timer rounds the pause up to its millisecond tick.
 const REPLAY_ASK_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Session {
