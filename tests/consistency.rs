@@ -119,10 +119,7 @@ async fn consistency_modes_hold_against_a_late_replica() {
         .await
         .unwrap();
     h.caught_up().await;
-    h.cluster
-        .psql(1, "alter system set recovery_min_apply_delay = '300ms'")
-        .unwrap();
-    h.cluster.psql(1, "select pg_reload_conf()").unwrap();
+    h.delay_replay(1, "300ms");
 
     let eventual = check(&h, "eventual").await;
     assert!(
@@ -276,13 +273,7 @@ async fn a_replica_that_cannot_answer_the_probe_gets_no_read_it_must_confirm() {
         .unwrap();
     h.caught_up().await;
     for replica in 1..=2 {
-        h.cluster
-            .psql(
-                replica,
-                "alter system set recovery_min_apply_delay = '300ms'",
-            )
-            .unwrap();
-        h.cluster.psql(replica, "select pg_reload_conf()").unwrap();
+        h.delay_replay(replica, "300ms");
     }
     let c = h.connect().await;
     for i in 1..=10 {

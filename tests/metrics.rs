@@ -328,10 +328,7 @@ async fn reads_that_fall_back_to_the_primary_say_why() {
     // them behind the session's floor, waits routing.ryw_wait, then reads
     // from the primary.
     for replica in [1, 2] {
-        h.cluster
-            .psql(replica, "alter system set recovery_min_apply_delay = '2s'")
-            .unwrap();
-        h.cluster.psql(replica, "select pg_reload_conf()").unwrap();
+        h.delay_replay(replica, "2s");
     }
     // The standbys take the new delay a moment after the reload.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -132,6 +132,14 @@ impl Harness {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    /// Makes the replica at node `index` apply each commit `delay` (e.g.
+    /// `300ms`) after it arrives, from its reload on.
+    pub fn delay_replay(&self, index: usize, delay: &str) {
+        let sql = format!("alter system set recovery_min_apply_delay = '{delay}'");
+        self.cluster.psql(index, &sql).unwrap();
+        self.cluster.psql(index, "select pg_reload_conf()").unwrap();
+    }
+
     pub async fn caught_up(&self) {
         let cluster = &self.cluster;
         tokio::task::block_in_place(|| cluster.wait_replicas_caught_up(Duration::from_secs(20)))
