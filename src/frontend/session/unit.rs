@@ -36,16 +36,15 @@ impl Session {
     /// behind whatever was sent before it.
     async fn ask(&mut self, capture: Capture) {
         let server = self.server.as_mut().expect("attached");
-        let query = match capture {
-            Capture::CommitLsn => &*COMMIT_LSN,
-            Capture::ReplayFloor(_) | Capture::Observed => {
-                match server.conn.queue(&REPLAY_LSN).await {
-                    Ok(()) => self.pending.push_capture(capture, Kind::FunctionCall, None),
-                    Err(e) => tracing::debug!(error = %e, "write to server failed"),
-                }
-                return;
+        if capture != Capture::CommitLsn {
+            // How far a replica has replayed: one FunctionCall.
+            match server.conn.queue(&REPLAY_LSN).await {
+                Ok(()) => self.pending.push_capture(capture, Kind::FunctionCall, None),
+                Err(e) => tracing::debug!(error = %e, "write to server failed"),
             }
-        };
+            return;
+        }
+        let query = &*COMMIT_LSN;
         // A failure before the Execute leaves the statement unknown on the
         // server: it is prepared again (after a Close) the next time.
         let undo = || {
