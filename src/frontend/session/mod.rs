@@ -700,7 +700,9 @@ impl Session {
         let classifier = &self.shared.classifier;
         let intent = match sql {
             None => Intent::Write,
-            Some(sql) if self.server.is_some() && self.client_status != TxStatus::Idle => {
+            // Inside a transaction block, attached or with its BEGIN held,
+            // the route is the block's.
+            Some(sql) if self.client_status != TxStatus::Idle => {
                 classifier.classify_in_transaction(sql)
             }
             Some(sql) => classifier.classify(sql),
