@@ -290,12 +290,10 @@ async fn a_replica_that_cannot_answer_the_probe_gets_no_read_it_must_confirm() {
     }
 }
 
-/// A replica promoted behind the monitor's back (which here polls once an
-/// hour) left the primary's history before the write: the probe finds it
-/// where its recovery ended, short of the read's floor, and the read goes
-/// to the primary once `ryw_wait` is out.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_replica_promoted_behind_the_monitors_back_gets_no_read_it_must_confirm() {
+/// A primary and one replica the monitor polls once an hour, so that what
+/// happens to the replica goes unseen; the session has read from the
+/// replica, whose server connection is pooled and used again afterwards.
+async fn one_replica_out_of_the_monitors_sight() -> (Harness, tokio_postgres::Client) {
     let spec = tidepool::demo::cluster::ClusterSpec {
         replicas: 1,
         ..Default::default()
@@ -309,15 +307,43 @@ async fn a_replica_promoted_behind_the_monitors_back_gets_no_read_it_must_confir
         .unwrap();
     h.caught_up().await;
     let c = h.connect().await;
-    let replica = h.cluster.nodes()[1].port;
-    // The replica's server connection, opened before the promotion, is
-    // pooled and used again after it.
     assert_eq!(
         simple_value(&c, "select count(*) || ':' || inet_server_port() from t").await,
-        format!("0:{replica}")
+        format!("0:{}", h.cluster.nodes()[1].port)
     );
-    h.cluster.psql(1, "select pg_promote()").unwrap();
+    (h, c)
+}
+
+/// Writes a row, then reads: the read must see it, on the primary.
+async fn write_then_read_lands_on_the_primary(h: &Harness, c: &tokio_postgres::Client) {
     c.batch_execute("insert into t values (1)").await.unwrap();
-    let seen = simple_value(&c, "select count(*) || ':' || inet_server_port() from t").await;
+    let seen = simple_value(c, "select count(*) || ':' || inet_server_port() from t").await;
     assert_eq!(seen, format!("1:{}", h.primary_port()));
+}
+
+/// A replica promoted behind the monitor's back left the primary's history
+/// before the write: the probe finds it where its recovery ended, short of
+/// the read's floor, and the read goes to the primary once `ryw_wait` is
+/// out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_promoted_behind_the_monitors_back_gets_no_read_it_must_confirm() {
+    let (h, c) = one_replica_out_of_the_monitors_sight().await;
+    h.cluster.psql(1, "select pg_promote()").unwrap();
+    write_then_read_lands_on_the_primary(&h, &c).await;
+}
+
+/// Promoted, then restarted: the node has not been in recovery since it
+/// started, answers the probe with NULL, which confirms no floor, and the
+/// read goes to the primary.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_restarted_as_a_primary_behind_the_monitors_back_gets_no_read_it_must_confirm() {
+    let (mut h, c) = one_replica_out_of_the_monitors_sight().await;
+    h.cluster.psql(1, "select pg_promote()").unwrap();
+    tokio::task::block_in_place(|| {
+        h.cluster.stop_node(1);
+        h.cluster.start_node(1).unwrap();
+    });
+    let probe = "select pg_last_wal_replay_lsn() is null";
+    assert_eq!(h.cluster.psql(1, probe).unwrap().trim(), "t");
+    write_then_read_lands_on_the_primary(&h, &c).await;
 }
