@@ -8,7 +8,8 @@
 use std::sync::LazyLock;
 
 use crate::protocol::Frame;
-use crate::protocol::frontend as fe;
+use crate::protocol::{backend, frontend as fe};
+use crate::topology::Lsn;
 
 /// A statement a server connection prepares once and afterwards only binds
 /// and executes.
@@ -58,3 +59,13 @@ const PG_LAST_WAL_REPLAY_LSN: u32 = 3821;
 /// (libpq's `PQfn` against `PQexecPrepared` here).
 pub static REPLAY_LSN: LazyLock<Frame> =
     LazyLock::new(|| fe::function_call_no_args(PG_LAST_WAL_REPLAY_LSN));
+
+/// The LSN an answer to either question carries (a one-column DataRow, or
+/// a FunctionCallResponse), `None` when it is NULL or not an LSN.
+pub fn lsn_value(frame: &Frame) -> Option<Lsn> {
+    let text = match frame.tag() {
+        backend::FUNCTION_CALL_RESPONSE => backend::function_result_text(frame),
+        _ => backend::single_text_value(frame),
+    };
+    text?.parse().ok()
+}

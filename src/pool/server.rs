@@ -395,9 +395,7 @@ impl ServerConnection {
             loop {
                 let frame = self.read_frame().await?;
                 match frame.tag() {
-                    backend::FUNCTION_CALL_RESPONSE => {
-                        lsn = backend::function_result_text(&frame).and_then(|v| v.parse().ok())
-                    }
+                    backend::FUNCTION_CALL_RESPONSE => lsn = super::lsn_query::lsn_value(&frame),
                     backend::ERROR_RESPONSE => {
                         return Err(ServerError::Rejected(ErrorFields::decode(&frame)?));
                     }

@@ -269,16 +269,21 @@ pub fn auth_sasl_final(data: &[u8]) -> Frame {
 
 /// The text of the first column of a DataRow; `None` when NULL or malformed.
 pub fn single_text_value(frame: &Frame) -> Option<&str> {
-    let body = frame.body();
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()
+    // After the column count.
+    text_value_at(frame.body(), 2)
 }
 
 /// The text value of a FunctionCallResponse; `None` when it is NULL.
 pub fn function_result_text(frame: &Frame) -> Option<&str> {
-    let body = frame.body();
-    let len = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
-    std::str::from_utf8(body.get(4..4 + usize::try_from(len).ok()?)?).ok()
+    text_value_at(frame.body(), 0)
+}
+
+/// A value as the protocol sends one (its length, -1 for NULL, then its
+/// bytes) starting at `at`, read as text.
+fn text_value_at(body: &[u8], at: usize) -> Option<&str> {
+    let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+    let start = at + 4;
+    std::str::from_utf8(body.get(start..start + usize::try_from(len).ok()?)?).ok()
 }
 
 /// A one-column text result set, for the proxy's own SHOW commands.

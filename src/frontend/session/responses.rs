@@ -93,7 +93,7 @@ impl Session {
             {
                 let capture = self.pending.head_capture().expect("checked");
                 self.pending.on_reply(frame.tag());
-                match (lsn_value(&frame), capture) {
+                match (crate::pool::lsn_query::lsn_value(&frame), capture) {
                     (Some(lsn), _) => self.on_capture(capture, lsn).await?,
                     (None, Capture::ReplayFloor(floor)) => {
                         // NULL: the node has not been in recovery since it
@@ -499,16 +499,6 @@ impl Session {
         }
         Ok(())
     }
-}
-
-/// The LSN in a one-column DataRow or a FunctionCallResponse, `None` when
-/// it is NULL or not an LSN.
-fn lsn_value(frame: &Frame) -> Option<Lsn> {
-    let text = match frame.tag() {
-        backend::FUNCTION_CALL_RESPONSE => backend::function_result_text(frame),
-        _ => backend::single_text_value(frame),
-    };
-    text?.parse().ok()
 }
 
 fn is_fatal(frame: &Frame) -> bool {
