@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use deadpool::Runtime;
-use deadpool::managed::{Pool, PoolError, Timeouts};
+use deadpool::managed::{Pool, PoolError, TimeoutType, Timeouts};
 
 use super::Checkout;
 use super::lane::{LaneReply, Lanes, Ticket};
@@ -94,27 +94,30 @@ impl PoolHandle {
     pub async fn checkout_timed(&self) -> (Result<Checkout, CheckoutError>, Duration) {
         let addr = self.addr;
         let started = Instant::now();
-        let settings = self.settings.load();
-        let checkout_timeout = settings.checkout_timeout;
-        let timeouts = Timeouts {
-            wait: Some(checkout_timeout),
-            create: Some(settings.connect_timeout),
-            recycle: Some(settings.connect_timeout),
+        let checkout_timeout = self.settings.load().checkout_timeout;
+        // First without waiting: most checkouts find a connection at hand,
+        // and a wait timeout is a timer made and dropped for nothing. No
+        // deadpool timeouts around connecting and the health check either:
+        // both bound themselves by connect_timeout (`ServerManager`).
+        let at_hand = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
         };
-        drop(settings);
-        let result = self.pool.timeout_get(&timeouts).await;
+        let mut result = self.pool.timeout_get(&at_hand).await;
+        if let Err(PoolError::Timeout(TimeoutType::Wait)) = result {
+            let waiting = Timeouts {
+                wait: Some(checkout_timeout),
+                ..at_hand
+            };
+            result = self.pool.timeout_get(&waiting).await;
+        }
         let waited = started.elapsed();
         if let Some(histogram) = &self.wait_seconds {
             histogram.observe(waited.as_secs_f64());
         }
         let result = result.map_err(|e| match e {
-            PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
-                CheckoutError::Exhausted(checkout_timeout)
-            }
-            PoolError::Timeout(_) => CheckoutError::Connect {
-                addr,
-                source: ServerError::Timeout,
-            },
+            PoolError::Timeout(TimeoutType::Wait) => CheckoutError::Exhausted(checkout_timeout),
             PoolError::Backend(source) => CheckoutError::Connect { addr, source },
             _ => CheckoutError::Closed,
         });
