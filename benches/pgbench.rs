@@ -812,10 +812,15 @@ fn paired_ratio<T, E>(
     b: &[Result<T, E>],
     tps: impl Fn(&T) -> f64,
 ) -> Option<f64> {
+    paired(a, b, |a, b| tps(a) / tps(b))
+}
+
+/// The median over rounds of `f` of `a`'s and `b`'s runs in the same round.
+fn paired<T, E>(a: &[Result<T, E>], b: &[Result<T, E>], f: impl Fn(&T, &T) -> f64) -> Option<f64> {
     let pairs = a
         .iter()
         .zip(b)
-        .filter_map(|(a, b)| Some(tps(a.as_ref().ok()?) / tps(b.as_ref().ok()?)));
+        .filter_map(|(a, b)| Some(f(a.as_ref().ok()?, b.as_ref().ok()?)));
     median(pairs.collect())
 }
 
@@ -1160,7 +1165,13 @@ fn tables(runs: &Runs) -> String {
     }
     md += "\n";
     md += &header(&["1 client, select-only", LATENCY_COLS].join(" | "));
-    let added = |t| lat(last, t).zip(lat(last, 0)).map(|(p, d)| (p - d) * 1e3);
+    // Paired by round, as the ratios are: one client's latency moves with
+    // the machine's load from round to round, for every target alike.
+    let added = |t: usize| {
+        paired(&runs[last][t], &runs[last][0], |proxy, direct| {
+            (proxy.latency_ms - direct.latency_ms) * 1e3
+        })
+    };
     let mut cells = vec![WORKLOADS[last].0.to_owned()];
     cells.extend(targets.map(|t| cell(lat(last, t), 3)));
     cells.extend(proxies.clone().map(|t| cell(added(t), 0)));
