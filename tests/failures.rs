@@ -84,6 +84,36 @@ async fn a_killed_primary_gives_a_clear_error_not_a_hang() {
     assert_eq!(sqlstate(&err), "57P03", "{err:?}");
 }
 
+/// A killed backend says nothing before its connection closes: the client
+/// still hears how its server was lost, and goes on once its transaction
+/// is over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_killed_mid_transaction_is_reported_with_how_it_was_lost() {
+    let mut h = Harness::start("").await;
+    let c = h.connect().await;
+    c.batch_execute("create table mid (v int)").await.unwrap();
+    c.batch_execute("begin; insert into mid values (1)")
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| h.cluster.kill(0));
+    let err = c
+        .batch_execute("insert into mid values (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    let message = err.as_db_error().expect("an ErrorResponse").message();
+    let primary = h.cluster.primary().port;
+    assert!(
+        message.contains(&format!(
+            ":{primary} (closed by the server without a message)"
+        )) || message.contains(&format!(":{primary} (connection reset)")),
+        "{message}"
+    );
+    c.batch_execute("rollback").await.unwrap();
+    let port = served_by(&c, "select inet_server_port()").await;
+    assert!(h.replica_ports().contains(&port));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_connection_closed_while_idle_is_replaced_unseen() {
     let h = Harness::start("[pool]\nsize = 2\n").await;

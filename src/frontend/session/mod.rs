@@ -162,10 +162,27 @@ enum Event {
     ClientBytes,
     ServerBytes,
     /// The server connection closed or failed.
-    ServerLost,
+    ServerLost(Loss),
     Timeout(Timeout),
     ShutdownStarted,
     NewEpoch,
+}
+
+/// How a server connection went silent, for the client's error when the
+/// server said nothing itself (a killed backend sends no FATAL).
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    Closed,
+    Failed(std::io::ErrorKind),
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loss::Closed => f.write_str("closed by the server without a message"),
+            Loss::Failed(kind) => write!(f, "{kind}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,7 +458,7 @@ impl Session {
                     self.owed_since = None;
                     self.pump_server().await?;
                 }
-                Event::ServerLost => self.on_server_lost().await?,
+                Event::ServerLost(loss) => self.on_server_lost(Some(loss)).await?,
                 Event::Timeout(timeout) => self.on_timeout(timeout).await?,
                 // `draining` is set above, for a busy session too.
                 Event::ShutdownStarted => {}
@@ -504,8 +521,9 @@ impl Session {
                 _ => Event::ClientBytes,
             },
             read = responses::read_server(server) => match read {
-                Ok(n) if n > 0 => Event::ServerBytes,
-                _ => Event::ServerLost,
+                Ok(0) => Event::ServerLost(Loss::Closed),
+                Ok(_) => Event::ServerBytes,
+                Err(e) => Event::ServerLost(Loss::Failed(e.kind())),
             },
             _ = expiry => Event::Timeout(timeout.expect("armed").1),
             // Only an idle session is woken to end: a busy one sees the
@@ -568,7 +586,7 @@ impl Session {
                         "no answer within query_timeout, even to a cancel",
                     ));
                 }
-                self.on_server_lost().await
+                self.on_server_lost(None).await
             }
         }
     }
@@ -584,7 +602,7 @@ impl Session {
         });
         if demoted {
             tracing::warn!(parent: &self.span, "the primary lost its epoch: ending the work on it");
-            self.on_server_lost().await?;
+            self.on_server_lost(None).await?;
         }
         Ok(())
     }

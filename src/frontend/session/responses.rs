@@ -401,7 +401,9 @@ impl Session {
             }
         }
     }
-    pub(super) async fn on_server_lost(&mut self) -> Result<(), ClientError> {
+    /// The attached server is gone: `loss` says how, when it went silent
+    /// rather than being given up by the proxy.
+    pub(super) async fn on_server_lost(&mut self, loss: Option<Loss>) -> Result<(), ClientError> {
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
@@ -416,7 +418,7 @@ impl Session {
                 topology.epoch
             )),
             (Some(said), false) => ErrorFields::decode(said).ok().map(|f| f.message),
-            (None, false) => None,
+            (None, false) => loss.map(|loss| loss.to_string()),
         };
         drop(topology);
         let lost = RouteError::ServerLost(match why {
@@ -432,14 +434,15 @@ impl Session {
             self.pending.clear();
             return self.release_held_ready().await;
         }
-        tracing::warn!(parent: &self.span, %node, "server connection lost");
+        // Whether the unit can be replayed says, when a client hears of a
+        // loss, why it did: part of the answer was out, or it sent more.
+        let replayable = replay.is_some() && self.waiting.is_none();
+        tracing::warn!(parent: &self.span, %node, error = %lost, replayable, "server connection lost");
         // One dead connection (a terminated backend) says little about the
         // node: ask the monitor to look now. New connections that fail mark
         // the node unreachable at once (`attach`).
         self.shared.topology.request_refresh();
-        if let Some(replay) = replay
-            && self.waiting.is_none()
-        {
+        if let Some(replay) = replay.filter(|_| replayable) {
             tracing::info!(
                 parent: &self.span,
                 frames = replay.frames.len(),
