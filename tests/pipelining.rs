@@ -196,6 +196,62 @@ async fn reads_on_a_lost_connection_are_run_again() {
     assert!(pipelined_reads(&h).await > 0);
 }
 
+/// A shared read whose answer had begun to reach its client cannot run
+/// again: the client gets 08006 naming the server and what it said as it
+/// went, as on a connection of its own, and carries on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_cut_off_mid_answer_hears_which_server_and_why() {
+    let h = Harness::start(PIPELINED).await;
+    let (_busy, busy_pid) = someone_else_busy(&h).await;
+    let c = h.connect().await;
+    // The first row (bigger than the server's 8 KB output buffer) is sent
+    // before the second sleeps.
+    let read = tokio::spawn(async move {
+        let sql = "SELECT CASE WHEN x = 1 THEN repeat('x', 100000) \
+                   ELSE (SELECT 'late' FROM pg_sleep(30)) END FROM generate_series(1, 2) x";
+        let outcome = c.simple_query(sql).await;
+        (c, outcome)
+    });
+    let mut replicas = Vec::new();
+    for port in h.replica_ports() {
+        replicas.push(common::connect(&h.admin_url(port)).await.unwrap());
+    }
+    let sleeping = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE usename = 'app' AND pid <> {busy_pid} AND wait_event = 'PgSleep'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut killed = 0;
+    while killed == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached its sleep"
+        );
+        // Time for the first row to reach the client before the kill.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for replica in &replicas {
+            killed += simple_value(replica, &sleeping)
+                .await
+                .parse::<u64>()
+                .unwrap();
+        }
+    }
+    let (c, outcome) = read.await.unwrap();
+    let err = outcome.expect_err("a read cut off");
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    let message = err.as_db_error().expect("an ErrorResponse").message();
+    assert!(
+        h.replica_ports()
+            .iter()
+            .any(|port| message.contains(&format!(
+                ":{port} (terminating connection due to administrator command)"
+            ))),
+        "{message}"
+    );
+    assert_eq!(simple_value(&c, "SELECT 1").await, "1");
+    assert!(pipelined_reads(&h).await > 0);
+}
+
 fn counter(metrics: &str, name: &str) -> u64 {
     let value = metrics
         .lines()

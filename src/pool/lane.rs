@@ -32,12 +32,14 @@ use tokio::sync::mpsc;
 
 use super::Checkout;
 use super::registry::{CheckoutError, PoolHandle};
-use super::server::Prepared;
+use super::server::{Loss, Prepared};
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::session::{Params, Statement, sync_sql};
 use crate::metrics::Metrics;
-use crate::protocol::backend::{CLOSE_COMPLETE, ERROR_RESPONSE, PARSE_COMPLETE, READY_FOR_QUERY};
-use crate::protocol::{Frame, frame, frontend};
+use crate::protocol::backend::{
+    CLOSE_COMPLETE, ERROR_RESPONSE, ErrorFields, PARSE_COMPLETE, READY_FOR_QUERY, is_fatal,
+};
+use crate::protocol::{frame, frontend};
 
 /// An idle lane keeps its connection this long before handing it back to
 /// the pool: under load a lane drains between bursts, and reopening it
@@ -59,8 +61,9 @@ pub enum LaneEvent {
     Done(Bytes),
     /// Not run here and nothing answered: the session runs it itself.
     Redo,
-    /// The connection failed after part of the answer went to the client.
-    Lost,
+    /// The connection failed after part of the answer went to the
+    /// client: the server's address and, when known, why.
+    Lost(String),
     /// Cancelled before it ran: its answer goes to nobody.
     Cancelled,
 }
@@ -244,9 +247,21 @@ impl InFlight {
     }
 }
 
-/// Why a lane stops: its connection is not reused.
-#[derive(Debug)]
-struct Broken;
+/// Why a lane stops: its connection is not reused. `why` is what the
+/// server said as it went, or how its connection failed, when it did: a
+/// client whose read was partly answered is told.
+#[derive(Debug, Default)]
+struct Broken {
+    why: Option<String>,
+}
+
+impl Broken {
+    fn because(why: impl std::fmt::Display) -> Broken {
+        Broken {
+            why: Some(why.to_string()),
+        }
+    }
+}
 
 struct LaneTask {
     serial: u64,
@@ -273,16 +288,23 @@ impl LaneTask {
                 None
             }
         };
-        let reusable = match &mut conn {
-            Some(conn) => self.serve(conn).await.is_ok() && !self.cancelled,
-            None => false,
+        // What a client whose read was partly answered is told: reads are
+        // answered in part only on a connection, and only a broken lane
+        // leaves one in the queue.
+        let (reusable, lost) = match &mut conn {
+            Some(conn) => match self.serve(conn).await {
+                Ok(()) => (!self.cancelled, String::new()),
+                Err(Broken { why: Some(why) }) => (false, format!("{} ({why})", conn.addr)),
+                Err(Broken { why: None }) => (false, conn.addr.to_string()),
+            },
+            None => (false, String::new()),
         };
         self.retire();
         for read in std::mem::take(&mut self.queue) {
             self.done(&read);
             if let Some(reply) = read.reply {
                 let event = match read.answered {
-                    true => LaneEvent::Lost,
+                    true => LaneEvent::Lost(lost.clone()),
                     false => LaneEvent::Redo,
                 };
                 let _ = reply.send(LaneReply { id: read.id, event }).await;
@@ -331,14 +353,14 @@ impl LaneTask {
         if let Some(sql) = sync_sql(&self.params, &conn.applied) {
             conn.queue(&frontend::query(&sql))
                 .await
-                .map_err(|_| Broken)?;
+                .map_err(Broken::because)?;
             conn.applied = self.params.clone();
             self.queue.push_back(InFlight::new(0, None, true));
         }
         while let Some(request) = self.waiting.pop_front() {
             self.take(conn, LaneMsg::Run(request)).await?;
         }
-        conn.flush().await.map_err(|_| Broken)?;
+        conn.flush().await.map_err(Broken::because)?;
         let linger = tokio::time::sleep(LINGER);
         tokio::pin!(linger);
         loop {
@@ -352,10 +374,10 @@ impl LaneTask {
                 biased;
                 read = conn.read_more() => match read {
                     Ok(n) if n > 0 => self.answer(conn).await?,
-                    _ => return Err(Broken),
+                    read => return Err(Broken { why: Loss::of_read(&read).map(|loss| loss.to_string()) }),
                 },
                 msg = self.rx.recv() => {
-                    let Some(msg) = msg else { return Err(Broken) };
+                    let Some(msg) = msg else { return Err(Broken::default()) };
                     self.take(conn, msg).await?;
                     // Behind the sessions woken with this one: their reads
                     // leave in the same write, and wake the server once.
@@ -363,7 +385,7 @@ impl LaneTask {
                     while let Ok(msg) = self.rx.try_recv() {
                         self.take(conn, msg).await?;
                     }
-                    conn.flush().await.map_err(|_| Broken)?;
+                    conn.flush().await.map_err(Broken::because)?;
                 }
                 _ = &mut linger, if self.queue.is_empty() => {
                     if self.lanes.remove_if_idle(self.serial, &self.in_flight) {
@@ -391,7 +413,7 @@ impl LaneTask {
                 }
                 conn.queue_bytes(&request.messages)
                     .await
-                    .map_err(|_| Broken)?;
+                    .map_err(Broken::because)?;
             }
             LaneMsg::Cancel(id) => {
                 let Some(at) = self.queue.iter().position(|r| r.id == id) else {
@@ -430,7 +452,7 @@ impl LaneTask {
     ) -> Result<(), Broken> {
         let metrics = &self.lanes.metrics;
         let prepared = conn.prepare_counted(&statement.global, &statement.parse, metrics);
-        let Prepared::Now { evicted } = prepared.await.map_err(|_| Broken)? else {
+        let Prepared::Now { evicted } = prepared.await.map_err(Broken::because)? else {
             return Ok(());
         };
         let read = self.queue.back_mut().expect("queued by the caller");
@@ -444,18 +466,19 @@ impl LaneTask {
         let mut end = 0;
         loop {
             let buf = &conn.read_buf[end..];
-            let Some((tag, total)) = frame::peek_header(buf).map_err(|_| Broken)? else {
+            let Some((tag, total)) = frame::peek_header(buf).map_err(Broken::because)? else {
                 break;
             };
             if buf.len() < total {
                 break;
             }
-            let head = self.queue.front_mut().ok_or(Broken)?;
+            let head = self.queue.front_mut().ok_or_else(Broken::default)?;
             if tag == ERROR_RESPONSE && (head.own || is_fatal(&buf[..total])) {
                 // The server is going away, or the connection's settings
                 // are not what the lane says: the reads not yet answered
                 // run elsewhere.
-                return Err(Broken);
+                let said = ErrorFields::decode_message(&buf[..total]);
+                return Err(said.map_or_else(Broken::because, |f| Broken::because(f.message)));
             }
             if head.hidden > 0 {
                 // Nothing of this read's answer came before them.
@@ -488,7 +511,7 @@ impl LaneTask {
             }
             if !idle {
                 // A read left a transaction open: nothing else may follow it.
-                return Err(Broken);
+                return Err(Broken::default());
             }
         }
         if end > 0 {
@@ -536,34 +559,4 @@ async fn redo(request: Request) {
     let event = LaneEvent::Redo;
     let id = request.id;
     let _ = request.reply.send(LaneReply { id, event }).await;
-}
-
-/// Whether an ErrorResponse ends the connection (FATAL or PANIC).
-fn is_fatal(message: &[u8]) -> bool {
-    let mut fields = &message[Frame::HEADER_LEN.min(message.len())..];
-    while let Some((&kind, rest)) = fields.split_first() {
-        let Some(nul) = rest.iter().position(|&b| b == 0) else {
-            return false;
-        };
-        let value = &rest[..nul];
-        if kind == b'V' || kind == b'S' {
-            return value == b"FATAL" || value == b"PANIC";
-        }
-        fields = &rest[nul + 1..];
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::backend::{Severity, error_response};
-
-    #[test]
-    fn a_fatal_error_is_told_from_an_ordinary_one() {
-        let fatal = error_response(Severity::Fatal, "57P01", "terminating connection");
-        let error = error_response(Severity::Error, "42P01", "no such table");
-        assert!(is_fatal(fatal.raw()));
-        assert!(!is_fatal(error.raw()));
-    }
 }

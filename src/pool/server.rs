@@ -43,6 +43,35 @@ pub enum ServerError {
     TlsRefused(ServerSslMode),
 }
 
+/// How a server connection went silent, for a client's error when the
+/// server said nothing itself (a killed backend sends no FATAL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    Closed,
+    Failed(std::io::ErrorKind),
+}
+
+impl Loss {
+    /// What a read from the server says of the connection: `None` when it
+    /// brought bytes.
+    pub fn of_read(read: &std::io::Result<usize>) -> Option<Loss> {
+        match read {
+            Ok(0) => Some(Loss::Closed),
+            Ok(_) => None,
+            Err(e) => Some(Loss::Failed(e.kind())),
+        }
+    }
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loss::Closed => f.write_str("closed by the server without a message"),
+            Loss::Failed(kind) => write!(f, "{kind}"),
+        }
+    }
+}
+
 /// Why a node refused a connection that another node may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {

@@ -107,12 +107,17 @@ pub struct ErrorFields {
 
 impl ErrorFields {
     pub fn decode(frame: &Frame) -> Result<ErrorFields, ProtocolError> {
+        Self::decode_message(frame.raw())
+    }
+
+    /// Decodes a whole message (header included) still in a read buffer.
+    pub fn decode_message(message: &[u8]) -> Result<ErrorFields, ProtocolError> {
         let mut fields = ErrorFields {
             severity: String::new(),
             code: String::new(),
             message: String::new(),
         };
-        let mut body = frame.body();
+        let mut body = message.get(Frame::HEADER_LEN..).unwrap_or_default();
         while let Some((&kind, rest)) = body.split_first() {
             if kind == 0 {
                 break;
@@ -130,6 +135,24 @@ impl ErrorFields {
         }
         Ok(fields)
     }
+}
+
+/// Whether an ErrorResponse (a whole message) ends the connection: FATAL
+/// or PANIC. Scans the fields without decoding them, as it runs on every
+/// error the proxy forwards.
+pub fn is_fatal(message: &[u8]) -> bool {
+    let mut fields = &message[Frame::HEADER_LEN.min(message.len())..];
+    while let Some((&kind, rest)) = fields.split_first() {
+        let Some(nul) = rest.iter().position(|&b| b == 0) else {
+            return false;
+        };
+        let value = &rest[..nul];
+        if kind == b'V' || kind == b'S' {
+            return value == b"FATAL" || value == b"PANIC";
+        }
+        fields = &rest[nul + 1..];
+    }
+    false
 }
 
 pub fn decode_parameter_status(frame: &Frame) -> Result<(String, String), ProtocolError> {
@@ -329,6 +352,14 @@ pub fn text_table(columns: &[&str], rows: &[Vec<Option<String>>], tag: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fatal_error_is_told_from_an_ordinary_one() {
+        let fatal = error_response(Severity::Fatal, "57P01", "terminating connection");
+        let error = error_response(Severity::Error, "42P01", "no such table");
+        assert!(is_fatal(fatal.raw()));
+        assert!(!is_fatal(error.raw()));
+    }
 
     #[test]
     fn error_round_trip() {

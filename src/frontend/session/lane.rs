@@ -22,7 +22,8 @@ enum Outcome {
     /// With the first message of the answer.
     Answered(Option<Frame>),
     HandedBack,
-    Lost,
+    /// The server connection, with why when known (see `LaneEvent::Lost`).
+    Lost(String),
     Cancelled,
 }
 
@@ -194,7 +195,7 @@ impl Session {
             };
             let Some(LaneReply { id, event }) = reply else {
                 break match first {
-                    Some(_) => Outcome::Lost,
+                    Some(_) => Outcome::Lost(addr.to_string()),
                     None => Outcome::HandedBack,
                 };
             };
@@ -215,7 +216,7 @@ impl Session {
                     break Outcome::Answered(first);
                 }
                 LaneEvent::Redo => break Outcome::HandedBack,
-                LaneEvent::Lost => break Outcome::Lost,
+                LaneEvent::Lost(server) => break Outcome::Lost(server),
                 LaneEvent::Cancelled => break Outcome::Cancelled,
             }
         };
@@ -229,12 +230,9 @@ impl Session {
                 self.client.send(&error).await?;
                 self.ready(TxStatus::Idle).await?;
             }
-            Outcome::Lost => {
-                let error = backend::error_response(
-                    Severity::Error,
-                    "08006",
-                    "the server connection was lost while answering",
-                );
+            Outcome::Lost(server) => {
+                tracing::warn!(parent: &self.span, %node, server, "server connection lost under a pipelined read");
+                let error = RouteError::ServerLost(server).to_frame(Severity::Error);
                 self.client.send(&error).await?;
                 self.ready(TxStatus::Idle).await?;
             }

@@ -34,6 +34,7 @@ use super::stats::DatabaseStats;
 use super::users::{UserEntry, UserSlot};
 use crate::config::{ConsistencyMode, PoolMode};
 use crate::pool::registry::CheckoutError;
+use crate::pool::server::Loss;
 use crate::pool::{Checkout, PoolKey, discard};
 use crate::protocol::backend::{self, ErrorFields, Severity, TxStatus};
 use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
@@ -166,23 +167,6 @@ enum Event {
     Timeout(Timeout),
     ShutdownStarted,
     NewEpoch,
-}
-
-/// How a server connection went silent, for the client's error when the
-/// server said nothing itself (a killed backend sends no FATAL).
-#[derive(Debug, Clone, Copy)]
-enum Loss {
-    Closed,
-    Failed(std::io::ErrorKind),
-}
-
-impl std::fmt::Display for Loss {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Loss::Closed => f.write_str("closed by the server without a message"),
-            Loss::Failed(kind) => write!(f, "{kind}"),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,10 +504,9 @@ impl Session {
                 0 => return Ok(None),
                 _ => Event::ClientBytes,
             },
-            read = responses::read_server(server) => match read {
-                Ok(0) => Event::ServerLost(Loss::Closed),
-                Ok(_) => Event::ServerBytes,
-                Err(e) => Event::ServerLost(Loss::Failed(e.kind())),
+            read = responses::read_server(server) => match Loss::of_read(&read) {
+                Some(loss) => Event::ServerLost(loss),
+                None => Event::ServerBytes,
             },
             _ = expiry => Event::Timeout(timeout.expect("armed").1),
             // Only an idle session is woken to end: a busy one sees the

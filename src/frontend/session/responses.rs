@@ -108,7 +108,7 @@ impl Session {
                     (None, _) => {}
                 }
             }
-            backend::ERROR_RESPONSE if is_fatal(&frame) => {
+            backend::ERROR_RESPONSE if backend::is_fatal(frame.raw()) => {
                 // The server is closing this connection, not (in transaction
                 // mode) the client's session: the client hears about it from
                 // `on_server_lost`, as an error it can carry on after.
@@ -502,10 +502,6 @@ impl Session {
         }
         Ok(())
     }
-}
-
-fn is_fatal(frame: &Frame) -> bool {
-    ErrorFields::decode(frame).is_ok_and(|f| f.severity == "FATAL" || f.severity == "PANIC")
 }
 
 fn lost_protocol(e: crate::protocol::ProtocolError) -> ClientError {
