@@ -448,20 +448,31 @@ impl Session {
                 Event::ShutdownStarted => {}
                 Event::NewEpoch => self.on_new_epoch().await?,
             }
-            if self.waiting.is_some() && self.pending.is_empty() {
-                let frame = self.waiting.take().expect("checked");
-                if !self.on_client_message(frame).await? {
-                    return Ok(Flow::End);
-                }
-            }
-            while self.waiting.is_none() {
-                let Some(frame) = self.client.try_frame()? else {
-                    break;
+            // The message held until the server had answered what came
+            // before it, then every complete one buffered. One call site:
+            // each `.await` of a message's handling moves its future (over
+            // a KiB) into place.
+            loop {
+                let frame = match self.waiting.take() {
+                    Some(frame) if self.pending.is_empty() => frame,
+                    Some(frame) => {
+                        self.waiting = Some(frame);
+                        break;
+                    }
+                    None => match self.client.try_frame()? {
+                        Some(frame) => {
+                            if matches!(frame.tag(), fe::QUERY | fe::EXECUTE) {
+                                self.stats.query();
+                            }
+                            frame
+                        }
+                        None => break,
+                    },
                 };
-                if matches!(frame.tag(), fe::QUERY | fe::EXECUTE) {
-                    self.stats.query();
-                }
-                if !self.on_client_message(frame).await? {
+                let kept = frame.clone();
+                let go_on = self.on_client_message(frame).await?;
+                self.keep_for_replay(kept);
+                if !go_on {
                     return Ok(Flow::End);
                 }
             }
@@ -613,21 +624,23 @@ impl Session {
             && self.client_status == TxStatus::Idle
     }
     /// Handles one client message; `false` when the client said Terminate.
-    async fn on_client_message(&mut self, frame: Frame) -> Result<bool, ClientError> {
-        let kept = frame.clone();
-        let go_on = self.dispatch(frame).await?;
+    /// Keeps a message the client sent for the unit of work under way, so
+    /// that a read can be run again elsewhere if its server is lost before
+    /// it answers (and not one it holds for later: that one is kept when
+    /// it runs).
+    fn keep_for_replay(&mut self, sent: Frame) {
         if self.waiting.is_none()
             && let Some(replay) = self.server.as_mut().and_then(|s| s.replay.as_mut())
         {
-            replay.bytes += kept.raw().len();
-            replay.frames.push(kept);
+            replay.bytes += sent.raw().len();
+            replay.frames.push(sent);
             if replay.bytes > REPLAY_LIMIT {
                 self.server.as_mut().expect("attached").replay = None;
             }
         }
-        Ok(go_on)
     }
-    async fn dispatch(&mut self, frame: Frame) -> Result<bool, ClientError> {
+    /// Handles one message from the client; `false` when it ends the session.
+    async fn on_client_message(&mut self, frame: Frame) -> Result<bool, ClientError> {
         if frame.tag() == fe::TERMINATE {
             return Ok(false);
         }

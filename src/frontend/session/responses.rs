@@ -498,7 +498,9 @@ impl Session {
         // (server loss, stale reads, new epochs) would otherwise carry a
         // whole message's state inline in every idle client's task.
         for frame in replay.frames {
+            let kept = frame.clone();
             Box::pin(self.on_client_message(frame)).await?;
+            self.keep_for_replay(kept);
         }
         Ok(())
     }
