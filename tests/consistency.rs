@@ -272,8 +272,14 @@ async fn a_replica_that_cannot_answer_the_probe_gets_no_read_it_must_confirm() {
         .await
         .unwrap();
     h.caught_up().await;
+    // Paused, not delayed: a reloaded `recovery_min_apply_delay` reaches
+    // the startup process some time after `pg_reload_conf()` returns, and
+    // a replica that replays the first insert at once (and is polled) may
+    // rightly take its read unconfirmed. A pause holds the next record.
     for replica in 1..=2 {
-        h.delay_replay(replica, "300ms");
+        h.cluster
+            .psql(replica, "select pg_wal_replay_pause()")
+            .unwrap();
     }
     let c = h.connect().await;
     for i in 1..=10 {
@@ -288,6 +294,16 @@ async fn a_replica_that_cannot_answer_the_probe_gets_no_read_it_must_confirm() {
             "read {i}: rows and the node"
         );
     }
+    // The reads went to the primary because the replicas could not answer,
+    // not because none was asked.
+    let metrics = common::http::get(h.proxy().admin_addr(), "/metrics")
+        .await
+        .body;
+    let probed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidepool_ryw_checks_total{result=\"probed\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(probed.is_some_and(|n| n >= 10), "{probed:?}");
 }
 
 /// A primary and one replica the monitor polls once an hour, so that what
