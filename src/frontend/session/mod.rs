@@ -623,7 +623,6 @@ impl Session {
             && self.held_begin.is_none()
             && self.client_status == TxStatus::Idle
     }
-    /// Handles one client message; `false` when the client said Terminate.
     /// Keeps a message the client sent for the unit of work under way, so
     /// that a read can be run again elsewhere if its server is lost before
     /// it answers (and not one it holds for later: that one is kept when
