@@ -68,6 +68,15 @@ pub enum RouteError {
 }
 
 impl RouteError {
+    /// The server at `addr` is gone; `why` when known (what it said as it
+    /// went, how its connection failed).
+    pub fn server_lost(addr: std::net::SocketAddr, why: Option<String>) -> RouteError {
+        RouteError::ServerLost(match why {
+            Some(why) => format!("{addr} ({why})"),
+            None => addr.to_string(),
+        })
+    }
+
     /// The server's own refusal (3D000, 28P01, 53300...) is passed on as the
     /// server said it; the proxy's own failures get their SQLSTATE here.
     pub fn to_frame(&self, severity: Severity) -> Frame {

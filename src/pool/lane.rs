@@ -62,8 +62,8 @@ pub enum LaneEvent {
     /// Not run here and nothing answered: the session runs it itself.
     Redo,
     /// The connection failed after part of the answer went to the
-    /// client: the server's address and, when known, why.
-    Lost(String),
+    /// client: why, when known.
+    Lost(Option<String>),
     /// Cancelled before it ran: its answer goes to nobody.
     Cancelled,
 }
@@ -288,23 +288,19 @@ impl LaneTask {
                 None
             }
         };
-        // What a client whose read was partly answered is told: reads are
-        // answered in part only on a connection, and only a broken lane
-        // leaves one in the queue.
-        let (reusable, lost) = match &mut conn {
+        let (reusable, why) = match &mut conn {
             Some(conn) => match self.serve(conn).await {
-                Ok(()) => (!self.cancelled, String::new()),
-                Err(Broken { why: Some(why) }) => (false, format!("{} ({why})", conn.addr)),
-                Err(Broken { why: None }) => (false, conn.addr.to_string()),
+                Ok(()) => (!self.cancelled, None),
+                Err(broken) => (false, broken.why),
             },
-            None => (false, String::new()),
+            None => (false, None),
         };
         self.retire();
         for read in std::mem::take(&mut self.queue) {
             self.done(&read);
             if let Some(reply) = read.reply {
                 let event = match read.answered {
-                    true => LaneEvent::Lost(lost.clone()),
+                    true => LaneEvent::Lost(why.clone()),
                     false => LaneEvent::Redo,
                 };
                 let _ = reply.send(LaneReply { id: read.id, event }).await;

@@ -22,8 +22,8 @@ enum Outcome {
     /// With the first message of the answer.
     Answered(Option<Frame>),
     HandedBack,
-    /// The server connection, with why when known (see `LaneEvent::Lost`).
-    Lost(String),
+    /// Why, when known (see `LaneEvent::Lost`).
+    Lost(Option<String>),
     Cancelled,
 }
 
@@ -195,7 +195,7 @@ impl Session {
             };
             let Some(LaneReply { id, event }) = reply else {
                 break match first {
-                    Some(_) => Outcome::Lost(addr.to_string()),
+                    Some(_) => Outcome::Lost(None),
                     None => Outcome::HandedBack,
                 };
             };
@@ -216,7 +216,7 @@ impl Session {
                     break Outcome::Answered(first);
                 }
                 LaneEvent::Redo => break Outcome::HandedBack,
-                LaneEvent::Lost(server) => break Outcome::Lost(server),
+                LaneEvent::Lost(why) => break Outcome::Lost(why),
                 LaneEvent::Cancelled => break Outcome::Cancelled,
             }
         };
@@ -230,10 +230,10 @@ impl Session {
                 self.client.send(&error).await?;
                 self.ready(TxStatus::Idle).await?;
             }
-            Outcome::Lost(server) => {
-                tracing::warn!(parent: &self.span, %node, server, "server connection lost under a pipelined read");
-                let error = RouteError::ServerLost(server).to_frame(Severity::Error);
-                self.client.send(&error).await?;
+            Outcome::Lost(why) => {
+                let lost = RouteError::server_lost(addr, why);
+                tracing::warn!(parent: &self.span, %node, error = %lost, "server connection lost under a pipelined read");
+                self.client.send(&lost.to_frame(Severity::Error)).await?;
                 self.ready(TxStatus::Idle).await?;
             }
             Outcome::Answered(first) => {

@@ -421,10 +421,7 @@ impl Session {
             (None, false) => loss.map(|loss| loss.to_string()),
         };
         drop(topology);
-        let lost = RouteError::ServerLost(match why {
-            Some(why) => format!("{} ({why})", server.conn.addr),
-            None => server.conn.addr.to_string(),
-        });
+        let lost = RouteError::server_lost(server.conn.addr, why);
         let replay = server.replay;
         drop(server.conn);
         if self.held_ready.is_some() {
