@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use common::raw::{self, RawClient};
-use common::{Harness, http, simple_value};
+use common::{Harness, simple_value};
 use tidepool::demo::cluster::ClusterSpec;
 use tidepool::protocol::backend::{self, Auth, ErrorFields};
 use tidepool::protocol::frontend as fe;
@@ -45,12 +45,12 @@ async fn nobody_else_noticed(h: &Harness, bystander: &Client) {
         "1"
     );
     bystander.batch_execute("commit").await.unwrap();
-    let metrics = http::get(h.proxy().admin_addr(), "/metrics").await.body;
-    let panics = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tidepool_session_panics_total "))
-        .expect("the panic counter is exported");
-    assert_eq!(panics, "0", "a session panicked");
+    let panics = h.metric("tidepool_session_panics_total").await;
+    assert_eq!(
+        panics,
+        Some(0),
+        "a session panicked (None: the counter is not exported)"
+    );
 }
 
 /// Opens a connection, sends `bytes` as its first bytes, and returns what

@@ -296,13 +296,9 @@ async fn a_replica_that_cannot_answer_the_probe_gets_no_read_it_must_confirm() {
     }
     // The reads went to the primary because the replicas could not answer,
     // not because none was asked.
-    let metrics = common::http::get(h.proxy().admin_addr(), "/metrics")
-        .await
-        .body;
-    let probed = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tidepool_ryw_checks_total{result=\"probed\"} "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let probed = h
+        .metric("tidepool_ryw_checks_total{result=\"probed\"}")
+        .await;
     assert!(probed.is_some_and(|n| n >= 10), "{probed:?}");
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Harness, http, simple_value, sqlstate};
+use common::{Harness, http, metric_value, simple_value, sqlstate};
 use tokio_postgres::types::Type;
 
 const ONE_CONNECTION: &str =
@@ -27,11 +27,8 @@ async fn someone_else_busy(h: &Harness) -> (tokio_postgres::Client, String) {
 }
 
 async fn pipelined_reads(h: &Harness) -> u64 {
-    let metrics = http::get(h.proxy().admin_addr(), "/metrics").await.body;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tidepool_pipelined_reads_total "))
-        .and_then(|v| v.trim().parse().ok())
+    h.metric("tidepool_pipelined_reads_total")
+        .await
         .expect("tidepool_pipelined_reads_total")
 }
 
@@ -252,13 +249,6 @@ async fn a_read_cut_off_mid_answer_hears_which_server_and_why() {
     assert!(pipelined_reads(&h).await > 0);
 }
 
-fn counter(metrics: &str, name: &str) -> u64 {
-    let value = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
-    value.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-}
-
 /// Named prepared statements (`-M prepared`, drivers' statement caches) run
 /// on lanes too: a lane's connection prepares a statement the first time a
 /// client's Bind needs it, under the statement's global name, so clients
@@ -309,11 +299,12 @@ async fn prepared_statements_run_on_lanes_under_their_own_text() {
     let metrics = http::get(h.proxy().admin_addr(), "/metrics").await.body;
     let pipelined = pipelined_reads(&h).await - before;
     assert!(pipelined >= 12 * 30, "{pipelined} reads pipelined");
-    let evictions = counter(
+    let evictions = metric_value(
         &metrics,
         "tidepool_prepared_statement_cache_evictions_total",
-    );
+    )
+    .unwrap_or(0);
     assert!(evictions > 0, "a cap of 3 must evict");
-    let hits = counter(&metrics, "tidepool_prepared_statement_cache_hits_total");
+    let hits = metric_value(&metrics, "tidepool_prepared_statement_cache_hits_total").unwrap_or(0);
     assert!(hits > 0);
 }

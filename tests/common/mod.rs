@@ -95,6 +95,12 @@ impl Harness {
         )
     }
 
+    /// One sample of the proxy's /metrics (see `metric_value`).
+    pub async fn metric(&self, sample: &str) -> Option<u64> {
+        let text = http::get(self.proxy().admin_addr(), "/metrics").await.body;
+        metric_value(&text, sample)
+    }
+
     /// A client of the proxy as `app`.
     pub async fn connect(&self) -> Client {
         connect(&self.url("app", "app", "postgres"))
@@ -193,6 +199,15 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// The value of one sample in a /metrics text, found by its name and
+/// labels as they are written there (`name` or `name{label="value"}`).
+pub fn metric_value(metrics: &str, sample: &str) -> Option<u64> {
+    let value = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))?;
+    value.trim().parse().ok()
 }
 
 /// Runs a simple query and returns the first column of the first row.
