@@ -510,14 +510,22 @@ impl Session {
         };
         let idle = self.server.is_none();
         let server = self.server.as_deref_mut();
+        // Polled in this order, not from a random start: a busy session
+        // waits for its server, and the random start cost a draw and, half
+        // the time, a poll of the client's socket first (callgrind: 71.7K to
+        // 70.2K instructions a TPC-B transaction). While a server streams,
+        // the client's next messages wait in its socket as they would for
+        // PostgreSQL, query_timeout counts from the server's last bytes,
+        // and a new epoch is seen when the stream pauses.
         Ok(Some(tokio::select! {
-            read = self.client.fill(idle), if self.waiting.is_none() => match read? {
-                0 => return Ok(None),
-                _ => Event::ClientBytes,
-            },
+            biased;
             read = responses::read_server(server) => match Loss::of_read(&read) {
                 Some(loss) => Event::ServerLost(loss),
                 None => Event::ServerBytes,
+            },
+            read = self.client.fill(idle), if self.waiting.is_none() => match read? {
+                0 => return Ok(None),
+                _ => Event::ClientBytes,
             },
             _ = expiry => Event::Timeout(timeout.expect("armed").1),
             // Only an idle session is woken to end: a busy one sees the
