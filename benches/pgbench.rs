@@ -15,7 +15,9 @@
 //! (default 2; the median per target is reported, and ratios are medians of per-round
 //! ratios), `TIDEPOOL_BENCH_MODE_ROUNDS` (rounds of the write-then-read table, default
 //! `TIDEPOOL_BENCH_ROUNDS`), `TIDEPOOL_BENCH_ONLY=write-then-read` (that table alone,
-//! on a fresh cluster), `RUST_LOG` (proxy logs to stderr).
+//! on a fresh cluster) or `TIDEPOOL_BENCH_ONLY=WORKLOAD` (one row of the throughput
+//! tables, e.g. `TPC-B-like -c16`, and nothing after them), `RUST_LOG` (proxy logs
+//! to stderr).
 //! The report goes to stdout and to `target/bench-pgbench.md`.
 
 use std::fs;
@@ -59,8 +61,9 @@ const POOL_SIZE: usize = 16;
 /// share a few server connections. The write-then-read table runs without
 /// it, so that it compares the consistency modes alone.
 const PIPELINE_DEPTH: usize = 8;
-/// tidepool twice: as deployed (reads to the replicas) and with every statement
-/// on the primary (`consistency = "strong"`), which does exactly PgBouncer's work.
+/// tidepool twice: as deployed (reads to the replicas, a causal token after each
+/// write) and with every statement on the primary and no token (`consistency =
+/// "strong"`, `report_lsn = false`), which does exactly PgBouncer's work.
 /// PgBouncer 1.24 runs only the workloads `runs_workload` gives it.
 const TARGETS: [&str; 5] = [
     "direct",
@@ -126,6 +129,8 @@ struct Bench {
     rounds: u64,
     /// Rounds of the write-then-read table, whose differences are smaller.
     mode_rounds: u64,
+    /// `TIDEPOOL_BENCH_ONLY`: the one workload measured.
+    only: Option<String>,
     problems: String,
 }
 
@@ -576,6 +581,9 @@ impl Bench {
         let rounds = self.rounds;
         let mut runs = vec![vec![Vec::new(); TARGETS.len()]; WORKLOADS.len()];
         for (w, &(workload, args)) in WORKLOADS.iter().enumerate() {
+            if self.only.as_ref().is_some_and(|only| only != workload) {
+                continue;
+            }
             self.settle();
             for round in 1..=rounds {
                 for t in rotated(TARGETS.len(), round) {
@@ -951,22 +959,32 @@ fn main() {
     let have_bouncer = ensure_pgbouncer();
     let bouncer_new = pgbouncer_new();
     let rounds = env_u64("TIDEPOOL_BENCH_ROUNDS", 2);
+    let only = std::env::var("TIDEPOOL_BENCH_ONLY").ok();
+    if let Some(only) = &only
+        && only != "write-then-read"
+        && !WORKLOADS.iter().any(|(w, _)| w == only)
+    {
+        let names = WORKLOADS.iter().map(|(w, _)| *w).collect::<Vec<_>>();
+        eprintln!("TIDEPOOL_BENCH_ONLY: no workload {only:?} (write-then-read, {names:?})");
+        std::process::exit(2);
+    }
     let mut bench = Bench {
         cluster: start_cluster(),
         workers: env_u64("TIDEPOOL_BENCH_WORKERS", 1) as usize,
         secs: env_u64("TIDEPOOL_BENCH_SECS", 20),
         rounds,
         mode_rounds: env_u64("TIDEPOOL_BENCH_MODE_ROUNDS", rounds),
+        only,
         problems: String::new(),
     };
-    if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("write-then-read") {
+    if bench.only.as_deref() == Some("write-then-read") {
         let md = bench.consistency();
         println!("\n{md}");
         return;
     }
     let primary = bench.cluster.primary().port;
     let pool = format!("[pool]\nsize = {POOL_SIZE}\npipeline_depth = {PIPELINE_DEPTH}\n");
-    let on_primary = format!("{pool}\n[routing]\nconsistency = \"strong\"\n");
+    let on_primary = format!("{pool}\n[routing]\nconsistency = \"strong\"\nreport_lsn = false\n");
     let mut skip = |what: &str, e: String| {
         eprintln!("{what} did not start, no column for it: {e}");
         bench.problems += &format!("- PROBLEM: {what} did not start: {e}\n");
@@ -1034,6 +1052,10 @@ fn main() {
     // the counted runs below need quiet pgbench_accounts scan counters.
     drop(proxies);
     let mut md = tables(&runs);
+    if bench.only.is_some() {
+        println!("\n{md}");
+        return;
+    }
     let routing = ports[1].map(|_| bench.routing_check().join("; "));
     if ports[1].is_some() {
         md += &bench.consistency();
@@ -1079,8 +1101,9 @@ impl Bench {
         let mut md = format!(
             "\nNotes:\n\
              - Reads through tidepool go to the 2 replicas (the point of the product); direct, \
-             PgBouncer and tidepool→primary (a second tidepool, `consistency = \"strong\"`, the \
-             same work as PgBouncer's) send everything to the primary. TPC-B-like transactions (BEGIN…END) go whole \
+             PgBouncer and tidepool→primary (a second tidepool, `consistency = \"strong\"` and \
+             `report_lsn = false`: the same work as PgBouncer's, no causal token) send everything \
+             to the primary; the token costs the primary one statement per write transaction. TPC-B-like transactions (BEGIN…END) go whole \
              to the primary. Share of pgbench_accounts index scans per node (primary / replica 1 / \
              replica 2) in separate 3 s runs through a fresh tidepool: {}.\n\
              - Pool size {POOL_SIZE}: tidepool per node, PgBouncer per (user, db) on the primary. \

@@ -239,6 +239,13 @@ pub struct RoutingConfig {
     /// session's last write before it goes to the primary instead.
     #[serde(with = "humantime_serde")]
     pub ryw_wait: Duration,
+    /// After every write transaction, send its commit LSN to the client
+    /// (ParameterStatus `tidepool.lsn`), the causal token of design.md. It
+    /// costs the primary one statement per write transaction; off, the LSN
+    /// is asked only where the session's mode needs it (`read_your_writes`,
+    /// `monotonic`) and no token is sent. A session may override it with
+    /// `SET tidepool.report_lsn`.
+    pub report_lsn: bool,
     /// Functions that have side effects beyond the built-in list (nextval, ...).
     pub write_functions: Vec<String>,
     /// Statement classifications cached, keyed by a literal-free fingerprint.
@@ -252,6 +259,7 @@ impl Default for RoutingConfig {
             ryw_wait: Duration::from_millis(20),
             max_replica_lag_bytes: 16 << 20,
             max_replica_lag: Duration::from_secs(10),
+            report_lsn: true,
             write_functions: Vec::new(),
             classify_cache_size: 10_000,
         }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::raw::RawClient;
 use common::{Harness, simple_rows, simple_value};
+use tidepool::config::ConsistencyMode;
 use tidepool::protocol::backend;
 use tidepool::protocol::frontend as fe;
 use tidepool::topology::Lsn;
@@ -194,23 +195,7 @@ async fn the_token_arrives_before_ready_for_query() {
         "create table t (x int)",
         "begin; insert into t values (1); commit",
     ] {
-        c.send(&[fe::query(sql)]).await;
-        let mut token = None;
-        loop {
-            let f = c.read().await;
-            if f.tag() == backend::PARAMETER_STATUS {
-                let body = f.body();
-                let mut parts = body.split(|&b| b == 0);
-                if parts.next() == Some(b"tidepool.lsn") {
-                    token = parts
-                        .next()
-                        .map(|v| String::from_utf8_lossy(v).into_owned());
-                }
-            }
-            if f.tag() == backend::READY_FOR_QUERY {
-                break;
-            }
-        }
+        let token = token_before_ready(&mut c, sql).await;
         let token = token.unwrap_or_else(|| panic!("{sql}: no tidepool.lsn before ReadyForQuery"));
         assert!(token.contains('/'), "{token}");
         let after = tokio::time::timeout(std::time::Duration::from_millis(300), c.read()).await;
@@ -219,6 +204,88 @@ async fn the_token_arrives_before_ready_for_query() {
             "{sql}: a message after ReadyForQuery: {after:?}"
         );
     }
+}
+
+/// Runs `sql` and reads up to its ReadyForQuery: the `tidepool.lsn` token
+/// that came before it, if one did.
+async fn token_before_ready(c: &mut RawClient, sql: &str) -> Option<String> {
+    c.send(&[fe::query(sql)]).await;
+    let mut token = None;
+    loop {
+        let f = c.read().await;
+        if f.tag() == backend::PARAMETER_STATUS {
+            let body = f.body();
+            let mut parts = body.split(|&b| b == 0);
+            if parts.next() == Some(b"tidepool.lsn") {
+                token = parts
+                    .next()
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+            }
+        }
+        if f.tag() == backend::READY_FOR_QUERY {
+            return token;
+        }
+    }
+}
+
+/// `report_lsn = false`: a session whose mode does not read its own writes
+/// gets no token, and its writes' LSNs are not asked (SHOW cannot tell
+/// one); a session that moves into a mode that reads them after such
+/// writes reads from the primary until a later write's LSN is known.
+#[tokio::test(flavor = "multi_thread")]
+async fn report_lsn_off_asks_for_commit_lsns_only_where_the_mode_reads_them() {
+    let h = Harness::start_with("", |c| {
+        c.routing.report_lsn = false;
+        c.routing.consistency = ConsistencyMode::Eventual;
+        c.users[0].allow_md5 = true;
+    })
+    .await;
+    let mut raw = RawClient::connect(h.port()).await;
+    for sql in ["create table t (x int)", "insert into t values (1)"] {
+        assert_eq!(token_before_ready(&mut raw, sql).await, None, "{sql}");
+    }
+    token_before_ready(&mut raw, "set tidepool.report_lsn = on").await;
+    let token = token_before_ready(&mut raw, "insert into t values (2)").await;
+    assert!(
+        token.is_some_and(|t| t.contains('/')),
+        "on again per session"
+    );
+
+    let c = h.connect().await;
+    assert_eq!(simple_value(&c, "show tidepool.report_lsn").await, "off");
+    c.batch_execute("insert into t values (3)").await.unwrap();
+    let err = c.simple_query("show tidepool.lsn").await.unwrap_err();
+    assert_eq!(common::sqlstate(&err), "55000", "not asked: unknown");
+    let err = c
+        .simple_query("set tidepool.report_lsn = sometimes")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err), "22023");
+
+    c.simple_query("set tidepool.consistency = read_your_writes")
+        .await
+        .unwrap();
+    h.caught_up().await;
+    let primary = h.primary_port().to_string();
+    for _ in 0..4 {
+        let port = simple_value(&c, "select inet_server_port()").await;
+        assert_eq!(
+            port, primary,
+            "a write of unknown LSN: reads on the primary"
+        );
+    }
+    c.batch_execute("insert into t values (4)").await.unwrap();
+    let token: Lsn = simple_value(&c, "show tidepool.lsn").await.parse().unwrap();
+    assert!(token > Lsn(0), "read_your_writes asks: {token}");
+    h.caught_up().await;
+    let port: u16 = simple_value(&c, "select inet_server_port()")
+        .await
+        .parse()
+        .unwrap();
+    assert!(
+        h.replica_ports().contains(&port),
+        "back on replicas: {port}"
+    );
 }
 
 /// With `synchronous_commit = off` a COMMIT returns before its WAL is

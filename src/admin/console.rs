@@ -447,6 +447,7 @@ fn config(shared: &Shared) -> Vec<Frame> {
             format!("{:?}", c.routing.max_replica_lag),
         ),
         ("routing.ryw_wait", format!("{:?}", c.routing.ryw_wait)),
+        ("routing.report_lsn", c.routing.report_lsn.to_string()),
         ("cluster.nodes", c.cluster.nodes.join(",")),
         ("cluster.admin_user", c.cluster.admin_user.clone()),
         ("cluster.sslmode", c.cluster.sslmode.as_str().to_owned()),

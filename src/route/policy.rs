@@ -69,8 +69,10 @@ pub enum Fallback {
     NoReplica,
     /// No replica replayed the session's floor within `routing.ryw_wait`.
     RywTimeout,
-    /// The session's last commit LSN is unknown (its server died while
-    /// reporting it): no replica can be trusted for its next read.
+    /// The session's last commit LSN is unknown (not asked, with
+    /// `tidepool.report_lsn` off, before the session moved to a mode that
+    /// reads its own writes; or its server died while reporting it): no
+    /// replica can be trusted for its reads until a later write's is known.
     UnknownLsn,
 }
 

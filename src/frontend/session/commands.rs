@@ -56,6 +56,12 @@ impl Session {
                     })?,
                 }
             }
+            "report_lsn" => {
+                self.report_lsn = match value {
+                    None => self.shared.config.load().routing.report_lsn,
+                    Some(v) => parse_bool(v).ok_or_else(|| invalid("on or off"))?,
+                }
+            }
             "min_lsn" => {
                 self.consistency.min_lsn = match value {
                     None => None,
@@ -74,7 +80,16 @@ impl Session {
         Ok(match name {
             "route" => self.explain_route(),
             "consistency" => self.consistency.mode.as_str().to_owned(),
+            "lsn" if self.consistency.last_write_unknown => {
+                return Err(backend::error_response(
+                    Severity::Error,
+                    "55000",
+                    "the commit LSN of this session's last write is not known \
+                     (tidepool.report_lsn is off, or its server was lost before it answered)",
+                ));
+            }
             "lsn" => self.consistency.last_write.unwrap_or_default().to_string(),
+            "report_lsn" => if self.report_lsn { "on" } else { "off" }.to_owned(),
             "min_lsn" => self.consistency.min_lsn.unwrap_or_default().to_string(),
             _ => return Err(unknown_proxy_param(name)),
         })
@@ -134,4 +149,14 @@ fn unknown_proxy_param(name: &str) -> Frame {
         "42704",
         &format!("unrecognized configuration parameter \"tidepool.{name}\""),
     )
+}
+
+/// A boolean setting's value in the spellings PostgreSQL takes for its own
+/// (`on`/`off`, `true`/`false`, `yes`/`no`, `1`/`0`).
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
 }

@@ -10,6 +10,11 @@ pub struct Consistency {
     /// Commit LSN of the session's last write: reported to the client as
     /// `tidepool.lsn`, the floor of its reads in `read_your_writes`.
     pub last_write: Option<Lsn>,
+    /// A write committed after `last_write` whose commit LSN is not known:
+    /// it was not asked (`tidepool.report_lsn` off in a mode that does not
+    /// read its own writes), or its server died before answering. No
+    /// replica can be shown to have it until a later write's LSN is known.
+    pub last_write_unknown: bool,
     /// `SET tidepool.min_lsn`: a causal token from another connection.
     pub min_lsn: Option<Lsn>,
     /// `monotonic`: the highest replay LSN its reads have seen, and where.
@@ -22,6 +27,7 @@ impl Consistency {
         Consistency {
             mode,
             last_write: None,
+            last_write_unknown: false,
             min_lsn: None,
             observed: None,
             sticky: None,
@@ -38,8 +44,25 @@ impl Consistency {
         own.max(self.min_lsn)
     }
 
+    /// A later commit's LSN is past every earlier commit of the session,
+    /// the unknown one included.
     pub fn record_write(&mut self, lsn: Lsn) {
         self.last_write = self.last_write.max(Some(lsn));
+        self.last_write_unknown = false;
+    }
+
+    /// Whether the mode bounds reads by the session's own commits.
+    pub fn reads_own_writes(&self) -> bool {
+        matches!(
+            self.mode,
+            ConsistencyMode::ReadYourWrites | ConsistencyMode::Monotonic
+        )
+    }
+
+    /// Whether no replica can serve the next read: the floor it needs is
+    /// a commit LSN nobody knows.
+    pub fn floor_unknown(&self) -> bool {
+        self.last_write_unknown && self.reads_own_writes()
     }
 
     /// A read on `node` saw everything up to `lsn`.
@@ -74,5 +97,21 @@ mod tests {
         assert_eq!(c.floor(), Some(Lsn(50)));
         c.record_write(Lsn(10));
         assert_eq!(c.last_write, Some(Lsn(100)), "never goes back");
+    }
+
+    #[test]
+    fn an_unknown_commit_lsn_binds_only_modes_that_read_their_writes() {
+        let mut c = Consistency::new(ConsistencyMode::Eventual);
+        c.record_write(Lsn(100));
+        c.last_write_unknown = true;
+        assert!(!c.floor_unknown());
+        c.mode = ConsistencyMode::Strong;
+        assert!(!c.floor_unknown());
+        c.mode = ConsistencyMode::ReadYourWrites;
+        assert!(c.floor_unknown());
+        c.mode = ConsistencyMode::Monotonic;
+        assert!(c.floor_unknown());
+        c.record_write(Lsn(150));
+        assert!(!c.floor_unknown(), "a later commit's LSN covers it");
     }
 }

@@ -271,6 +271,11 @@ pub struct Session {
     /// pipelined behind the statement, so this costs its execution, not a
     /// round trip.
     held_ready: Option<Frame>,
+    /// `tidepool.report_lsn`: every write's commit LSN is asked and sent as
+    /// the `tidepool.lsn` token. Off, it is asked only when the session's
+    /// mode reads its own writes: one statement less on the primary per
+    /// write transaction, for sessions that pass no tokens.
+    report_lsn: bool,
     /// The replica turned out behind this floor: the read in flight is
     /// hidden from the client and redone.
     stale_read: Option<Lsn>,
@@ -305,7 +310,10 @@ impl Session {
         let epochs = shared.topology.epochs();
         let stopping = shared.stopping.listen();
         let stats = shared.stats.database(&database);
-        let limits = SessionLimits::from_config(&shared.config.load());
+        let config = shared.config.load();
+        let limits = SessionLimits::from_config(&config);
+        let report_lsn = config.routing.report_lsn;
+        drop(config);
         let mut client = client;
         client.count_into(stats.clone());
         let server = attached.map(|conn| Attached::new(conn, Role::Primary, &shared));
@@ -348,6 +356,7 @@ impl Session {
             unit_copies: false,
             capture_when_ready: None,
             held_ready: None,
+            report_lsn,
             stale_read: None,
             force_primary: None,
             prefer_replica: None,

@@ -264,10 +264,12 @@ impl Session {
         match capture {
             Capture::CommitLsn => {
                 self.consistency.record_write(lsn);
-                let token = lsn.to_string();
-                self.client
-                    .send(&backend::parameter_status("tidepool.lsn", &token))
-                    .await?;
+                if self.report_lsn {
+                    let token = lsn.to_string();
+                    self.client
+                        .send(&backend::parameter_status("tidepool.lsn", &token))
+                        .await?;
+                }
             }
             Capture::ReplayFloor(floor) if lsn < floor => {
                 tracing::debug!(%lsn, %floor, "replica behind the session's floor: redoing the read");
@@ -426,8 +428,8 @@ impl Session {
         drop(server.conn);
         if self.held_ready.is_some() {
             // The write is done but its commit LSN is unknown: the session's
-            // next reads must not trust a replica, so the next goes to the primary.
-            self.force_primary = Some(Fallback::UnknownLsn);
+            // reads must not trust a replica until a later write's is known.
+            self.consistency.last_write_unknown = true;
             self.pending.clear();
             return self.release_held_ready().await;
         }

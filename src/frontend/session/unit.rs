@@ -18,6 +18,10 @@ impl Session {
             return Ok(());
         };
         let capture = match role {
+            Role::Primary if wrote && !self.report_lsn && !self.consistency.reads_own_writes() => {
+                self.consistency.last_write_unknown = true;
+                return Ok(());
+            }
             Role::Primary if wrote => Capture::CommitLsn,
             Role::Replica if self.consistency.tracks_reads() => Capture::Observed,
             _ => return Ok(()),
@@ -132,6 +136,11 @@ impl Session {
         if destination == Destination::Replica {
             if let Some(fallback) = forced {
                 return (Destination::Primary, RouteReason::Fallback(fallback));
+            } else if self.consistency.floor_unknown() {
+                return (
+                    Destination::Primary,
+                    RouteReason::Fallback(Fallback::UnknownLsn),
+                );
             } else if self.consistency.mode == ConsistencyMode::Strong || serializable(&self.params)
             {
                 return (Destination::Primary, RouteReason::Strong);
