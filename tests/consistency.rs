@@ -266,6 +266,8 @@ async fn report_lsn_off_asks_for_commit_lsns_only_where_the_mode_reads_them() {
         .await
         .unwrap();
     h.caught_up().await;
+    let route = simple_value(&c, "show tidepool.route").await;
+    assert!(route.contains("not known"), "{route}");
     let primary = h.primary_port().to_string();
     for _ in 0..4 {
         let port = simple_value(&c, "select inet_server_port()").await;

@@ -106,6 +106,14 @@ impl Session {
                 topology.primary(),
                 "consistency strong: reads go to the primary".to_owned(),
             )
+        } else if self.consistency.floor_unknown() {
+            (
+                topology.primary(),
+                format!(
+                    "{}: the commit LSN of the session's last write is not known: the primary until a later write's is",
+                    mode.as_str()
+                ),
+            )
         } else {
             let fresh = topology.read_replicas(floor).next();
             let floor_text = floor.map_or("none".to_owned(), |f| f.to_string());
