@@ -125,6 +125,8 @@ struct Bench {
     cluster: Cluster,
     /// `listen.workers` of every `tidepool run` the bench starts.
     workers: usize,
+    /// `listen.busy_poll` of every `tidepool run` the bench starts.
+    busy_poll: String,
     secs: u64,
     rounds: u64,
     /// Rounds of the write-then-read table, whose differences are smaller.
@@ -451,7 +453,8 @@ impl ChildProxy {
     }
 }
 
-/// `tidepool run` on its own config file, as it is deployed, on `workers` threads.
+/// `tidepool run` on its own config file, as it is deployed, with `listen`
+/// (`Bench::listen`) under `[listen]`.
 ///
 /// The bench runs two tidepools at once against one cluster, each with its own
 /// embedded coordinator (a deployment shares etcd instead), on a box that all
@@ -460,7 +463,7 @@ impl ChildProxy {
 /// was marked down (57P03 for every writer), and once one tidepool failed over
 /// and fenced it, leaving every later write run to fail. A throughput bench
 /// must not test HA: no replica may be promoted, and polls wait 5 s.
-fn start_tidepool(cluster: &Cluster, workers: usize, extra: &str) -> Result<ChildProxy, String> {
+fn start_tidepool(cluster: &Cluster, listen: &str, extra: &str) -> Result<ChildProxy, String> {
     let dir = tempfile::Builder::new().prefix("tp-proxy-").tempdir();
     let dir = dir.map_err(|e| e.to_string())?;
     let port = free_port();
@@ -472,7 +475,7 @@ fn start_tidepool(cluster: &Cluster, workers: usize, extra: &str) -> Result<Chil
     let toml = tidepool::demo::config_toml(cluster, &format!("127.0.0.1:{port}"), extra)
         .replacen(
             "[listen]\n",
-            &format!("[listen]\nadmin = \"127.0.0.1:0\"\nworkers = {workers}\n"),
+            &format!("[listen]\nadmin = \"127.0.0.1:0\"\n{listen}"),
             1,
         )
         .replacen("[cluster]\n", "[cluster]\npoll_timeout = \"5s\"\n", 1)
@@ -555,6 +558,14 @@ fn run_pgbench(port: u16, args: &str, secs: u64) -> Outcome {
 }
 
 impl Bench {
+    /// The `[listen]` lines of every tidepool the bench starts.
+    fn listen(&self) -> String {
+        format!(
+            "workers = {}\nbusy_poll = \"{}\"\n",
+            self.workers, self.busy_poll
+        )
+    }
+
     /// Logs a run to stderr; a failure also becomes a PROBLEM line of the report,
     /// with pgbench's exit status and its first error.
     fn log_run(&mut self, outcome: Result<&Run, &String>, what: &str) {
@@ -740,7 +751,7 @@ impl Bench {
         let before = self.account_scans()?;
         let proxy = routing.map(|routing| {
             let extra = format!("[pool]\nsize = {POOL_SIZE}\n\n[routing]\n{routing}\n");
-            let proxy = start_tidepool(&self.cluster, self.workers, &extra);
+            let proxy = start_tidepool(&self.cluster, &self.listen(), &extra);
             proxy.map_err(|e| format!("tidepool did not start: {e}"))
         });
         let proxy = proxy.transpose()?;
@@ -971,6 +982,7 @@ fn main() {
     let mut bench = Bench {
         cluster: start_cluster(),
         workers: env_u64("TIDEPOOL_BENCH_WORKERS", 1) as usize,
+        busy_poll: std::env::var("TIDEPOOL_BENCH_BUSY_POLL").unwrap_or_else(|_| "200us".into()),
         secs: env_u64("TIDEPOOL_BENCH_SECS", 20),
         rounds,
         mode_rounds: env_u64("TIDEPOOL_BENCH_MODE_ROUNDS", rounds),
@@ -985,16 +997,16 @@ fn main() {
     let primary = bench.cluster.primary().port;
     let pool = format!("[pool]\nsize = {POOL_SIZE}\npipeline_depth = {PIPELINE_DEPTH}\n");
     let on_primary = format!("{pool}\n[routing]\nconsistency = \"strong\"\nreport_lsn = false\n");
+    let listen = bench.listen();
     let mut skip = |what: &str, e: String| {
         eprintln!("{what} did not start, no column for it: {e}");
         bench.problems += &format!("- PROBLEM: {what} did not start: {e}\n");
     };
-    let workers = bench.workers;
     let proxies = [
-        ("tidepool", start_tidepool(&bench.cluster, workers, &pool)),
+        ("tidepool", start_tidepool(&bench.cluster, &listen, &pool)),
         (
             "tidepool→primary",
-            start_tidepool(&bench.cluster, workers, &on_primary),
+            start_tidepool(&bench.cluster, &listen, &on_primary),
         ),
         (
             "PgBouncer",
@@ -1084,7 +1096,7 @@ impl Bench {
     ) -> String {
         let (secs, rounds, cpus) = (self.secs, self.rounds, first_line("nproc", &[]));
         let mode_rounds = self.mode_rounds;
-        let workers = self.workers;
+        let (workers, busy_poll) = (self.workers, &self.busy_poll);
         let pgbench_version = first_line("pgbench", &["--version"]);
         let version = |bin: Option<&Path>, missing: &str| {
             bin.map_or_else(|| missing.into(), |bin| first_line(bin, &["--version"]))
@@ -1114,7 +1126,9 @@ impl Bench {
              are medians of the per-round ratios. TPS excludes initial connection time. \"fails \
              (f/n)\": f of n runs failed (pgbench's error is in the PROBLEM lines).\n\
              - Both tidepools are `tidepool run` processes with `listen.workers = {workers}` \
-             (`TIDEPOOL_BENCH_WORKERS`), PgBouncer runs on its one thread; so are the fresh \
+             (`TIDEPOOL_BENCH_WORKERS`) and `listen.busy_poll = \"{busy_poll}\"` \
+             (`TIDEPOOL_BENCH_BUSY_POLL`: a session waiting while nothing else runs in the proxy \
+             polls this long before it sleeps), PgBouncer runs on its one thread; so are the fresh \
              tidepools of the counted runs below. Both have `pool.pipeline_depth = \
              {PIPELINE_DEPTH}`: autocommit reads of different clients share server connections, \
              up to {PIPELINE_DEPTH} in flight on one (the write-then-read table runs without).\n\
@@ -1153,7 +1167,7 @@ impl Bench {
              - {pgbench_version}; {bouncer_version}; {new_version}.\n\
              - Command: `TIDEPOOL_BENCH_SECS={secs} TIDEPOOL_BENCH_ROUNDS={rounds} \
              TIDEPOOL_BENCH_MODE_ROUNDS={mode_rounds} \
-             TIDEPOOL_BENCH_WORKERS={workers} cargo bench --bench pgbench`; each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS \
+             TIDEPOOL_BENCH_WORKERS={workers} TIDEPOOL_BENCH_BUSY_POLL={busy_poll} cargo bench --bench pgbench`; each run is `pgbench -h 127.0.0.1 -p PORT -U app -n -T {secs} ARGS \
              postgres`, ARGS:\n"
         );
         for (name, args) in WORKLOADS {

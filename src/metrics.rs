@@ -21,6 +21,7 @@ use prometheus::{
 };
 
 use crate::config::ConsistencyMode;
+use crate::frontend::busy_poll::Spin;
 use crate::frontend::cancel::ClientState;
 use crate::frontend::session::PinReason;
 use crate::ha::HaStatus;
@@ -86,6 +87,8 @@ pub struct Metrics {
     prepared_misses: IntCounter,
     prepared_evictions: IntCounter,
     pipelined_reads: IntCounter,
+    /// Caught (0) and parked (1), as `busy_poll::Spin`.
+    busy_poll_waits: [IntCounter; 2],
     classify_hits: IntCounter,
     classify_misses: IntCounter,
 
@@ -284,6 +287,14 @@ impl Metrics {
                 "tidepool_pipelined_reads_total",
                 "Autocommit reads answered on a server connection shared with other clients' reads (pool.pipeline_depth)",
             ),
+            busy_poll_waits: {
+                let waits = b.counter_vec(
+                    "tidepool_busy_poll_waits_total",
+                    "Session waits polled without sleeping (listen.busy_poll): what was awaited came while polling (caught), or the budget ran out or other work started (parked)",
+                    &["outcome"],
+                );
+                ["caught", "parked"].map(|o| waits.with_label_values(&[o]))
+            },
             classify_hits: b.counter(
                 "tidepool_classify_cache_hits_total",
                 "Statement classifications answered from the cache",
@@ -465,6 +476,14 @@ impl Metrics {
 
     pub fn read_pipelined(&self) {
         self.pipelined_reads.inc();
+    }
+
+    pub fn busy_polled(&self, spin: Spin) {
+        match spin {
+            Spin::Skipped => {}
+            Spin::Caught => self.busy_poll_waits[0].inc(),
+            Spin::Parked => self.busy_poll_waits[1].inc(),
+        }
     }
 
     /// Copies in the state that lives elsewhere, then encodes every metric in

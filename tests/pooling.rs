@@ -466,3 +466,52 @@ async fn a_statement_prepared_again_after_its_result_type_changed_runs() {
     });
     futures_util::future::join_all(runs).await;
 }
+
+/// `listen.busy_poll`: sessions that poll their sockets instead of sleeping
+/// still get every answer, their own and in order, alone or side by side.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_sessions_get_their_own_answers_in_order() {
+    let h = Harness::start_with("", |c| c.listen.busy_poll = Duration::from_millis(10)).await;
+    let setup = h.connect().await;
+    setup
+        .simple_query("CREATE TABLE spun (client int, round int)")
+        .await
+        .unwrap();
+    let caught = "tidepool_busy_poll_waits_total{outcome=\"caught\"}";
+    let before = h.metric(caught).await.expect(caught);
+    let work = |client: i32| {
+        let c = h.connect();
+        async move {
+            let c = c.await;
+            for round in 0..40 {
+                let sql = format!("SELECT '{client}:{round}'");
+                assert_eq!(simple_value(&c, &sql).await, format!("{client}:{round}"));
+                let row = c
+                    .query_one("SELECT $1::int * 2", &[&(client * 1000 + round)])
+                    .await
+                    .unwrap();
+                assert_eq!(row.get::<_, i32>(0), (client * 1000 + round) * 2);
+                c.batch_execute(&format!(
+                    "BEGIN; INSERT INTO spun VALUES ({client}, {round}); COMMIT"
+                ))
+                .await
+                .unwrap();
+            }
+            let mine = format!("SELECT count(*) FROM spun WHERE client = {client}");
+            assert_eq!(
+                simple_value(&c, &format!("/* tidepool: primary */ {mine}")).await,
+                "40"
+            );
+        }
+    };
+    // Alone, every wait may spin; side by side, only while no other unit runs.
+    work(0).await;
+    let alone = h.metric(caught).await.expect(caught) - before;
+    // Each of its 120 round trips waits for the server, then the client.
+    assert!(alone >= 120, "{alone} waits caught while polling");
+    futures_util::future::join_all((1..5).map(work)).await;
+    assert_eq!(
+        simple_value(&setup, "SELECT count(*) FROM spun").await,
+        "200"
+    );
+}

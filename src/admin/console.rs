@@ -431,6 +431,7 @@ fn config(shared: &Shared) -> Vec<Frame> {
         ("listen.admin", c.listen.admin.clone()),
         ("listen.max_clients", c.listen.max_clients.to_string()),
         ("listen.workers", c.listen.workers.to_string()),
+        ("listen.busy_poll", format!("{:?}", c.listen.busy_poll)),
         ("pool.mode", c.pool.mode.as_str().to_owned()),
         ("pool.size", c.pool.size.to_string()),
         ("pool.pipeline_depth", c.pool.pipeline_depth.to_string()),

@@ -1,5 +1,6 @@
 //! The client side: accept connections, run startup and authentication, then
 //! hand each client to its session.
+pub mod busy_poll;
 pub mod cancel;
 pub mod client;
 pub mod error;

@@ -27,6 +27,7 @@ use self::consistency::Consistency;
 use self::pending::{Capture, Kind, ParseUndo, Pending};
 use self::statements::Statements;
 use super::Shared;
+use super::busy_poll;
 use super::cancel::CancelHandle;
 use super::client::ClientConn;
 use super::error::{ClientError, RouteError};
@@ -130,6 +131,8 @@ struct SessionLimits {
     client_idle: Option<Duration>,
     idle_in_transaction: Option<Duration>,
     query: Option<Duration>,
+    /// `listen.busy_poll`; zero: off.
+    busy_poll: Duration,
 }
 
 impl SessionLimits {
@@ -144,6 +147,7 @@ impl SessionLimits {
             client_idle: on(config.listen.client_idle_timeout),
             idle_in_transaction: on(config.listen.idle_in_transaction_timeout),
             query: on(config.pool.query_timeout),
+            busy_poll: config.listen.busy_poll,
         }
     }
 }
@@ -526,22 +530,32 @@ impl Session {
         // the client's next messages wait in its socket as they would for
         // PostgreSQL, query_timeout counts from the server's last bytes,
         // and a new epoch is seen when the stream pauses.
-        Ok(Some(tokio::select! {
-            biased;
-            read = responses::read_server(server) => match Loss::of_read(&read) {
-                Some(loss) => Event::ServerLost(loss),
-                None => Event::ServerBytes,
-            },
-            read = self.client.fill(idle), if self.waiting.is_none() => match read? {
-                0 => return Ok(None),
-                _ => Event::ClientBytes,
-            },
-            _ = expiry => Event::Timeout(timeout.expect("armed").1),
-            // Only an idle session is woken to end: a busy one sees the
-            // shutdown at its next event (in `handle_while_busy`).
-            _ = self.stopping.changed(), if !self.draining && idle => Event::ShutdownStarted,
-            _ = self.epochs.changed(), if on_primary => Event::NewEpoch,
-        }))
+        let wait = async {
+            Ok(Some(tokio::select! {
+                biased;
+                read = responses::read_server(server) => match Loss::of_read(&read) {
+                    Some(loss) => Event::ServerLost(loss),
+                    None => Event::ServerBytes,
+                },
+                read = self.client.fill(idle), if self.waiting.is_none() => match read? {
+                    0 => return Ok(None),
+                    _ => Event::ClientBytes,
+                },
+                _ = expiry => Event::Timeout(timeout.expect("armed").1),
+                // Only an idle session is woken to end: a busy one sees the
+                // shutdown at its next event (in `handle_while_busy`).
+                _ = self.stopping.changed(), if !self.draining && idle => Event::ShutdownStarted,
+                _ = self.epochs.changed(), if on_primary => Event::NewEpoch,
+            }))
+        };
+        // Only while no other unit of work runs: this session's own, if
+        // any, is the one waited on.
+        let busy = &self.shared.busy;
+        let own = u64::from(!idle);
+        let may_spin = || busy.load(std::sync::atomic::Ordering::Relaxed) <= own;
+        let (event, spin) = busy_poll::wait(wait, self.limits.busy_poll, may_spin).await;
+        self.shared.metrics.busy_polled(spin);
+        event
     }
     /// When the session's next timeout fires, if one is configured for what
     /// it is doing now: waiting for a server's answer (query_timeout), or for
