@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 /// How a wait ended, for `tidepool_busy_poll_waits_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spin {
-    /// No spin: busy polling is off, or other work was running.
+    /// No spin: busy polling is off, other work was running, or what was
+    /// awaited had already come.
     Skipped,
     /// What was awaited came while spinning: no thread was parked.
     Caught,
@@ -48,16 +49,17 @@ pub async fn wait<F: Future>(
     if budget.is_zero() || !may_spin() {
         return (fut.await, Spin::Skipped);
     }
+    if let Poll::Ready(out) = futures_util::poll!(fut.as_mut()) {
+        return (out, Spin::Skipped);
+    }
     let deadline = Instant::now() + budget;
-    loop {
+    while may_spin() && Instant::now() < deadline {
+        tokio::task::yield_now().await;
         if let Poll::Ready(out) = futures_util::poll!(fut.as_mut()) {
             return (out, Spin::Caught);
         }
-        if !may_spin() || Instant::now() >= deadline {
-            return (fut.await, Spin::Parked);
-        }
-        tokio::task::yield_now().await;
     }
+    (fut.await, Spin::Parked)
 }
 
 #[cfg(test)]
@@ -112,6 +114,9 @@ mod tests {
         tokio::spawn(async move { tx.send(8) });
         let (got, spin) = wait(rx, Duration::from_secs(60), || false).await;
         assert_eq!((got.unwrap(), spin), (8, Spin::Skipped));
+
+        let (got, spin) = wait(async { 9 }, Duration::from_secs(60), || true).await;
+        assert_eq!((got, spin), (9, Spin::Skipped));
     }
 
     #[tokio::test(flavor = "current_thread")]
