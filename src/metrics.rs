@@ -137,6 +137,19 @@ impl Builder {
         self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
 
+    /// A counter with one label whose values are known up front, resolved
+    /// once: counting is then an index, not a label lookup.
+    fn counters<const N: usize>(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: [&str; N],
+    ) -> [IntCounter; N] {
+        let vec = self.counter_vec(name, help, &[label]);
+        values.map(|v| vec.with_label_values(&[v]))
+    }
+
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.add(IntGauge::new(name, help).expect("valid metric"))
     }
@@ -179,20 +192,10 @@ impl Metrics {
             &["route"],
             UNIT_BUCKETS,
         );
-        let fallbacks = b.counter_vec(
-            "tidepool_primary_fallbacks_total",
-            "Reads meant for a replica that ran on the primary, by reason",
-            &["reason"],
-        );
         let reads = b.counter_vec(
             "tidepool_reads_total",
             "Read-only units of work by the session's consistency mode and the role of the node that served them",
             &["mode", "served_by"],
-        );
-        let pins = b.counter_vec(
-            "tidepool_pins_total",
-            "Clients pinned to their server connection for the rest of their session, by reason",
-            &["reason"],
         );
         let lsn = |which: &str, help: &str| {
             b.gauge_vec(
@@ -249,14 +252,12 @@ impl Metrics {
                 unit_seconds.with_label_values(&["primary"]),
                 unit_seconds.with_label_values(&["replica"]),
             ],
-            ryw_checks: {
-                let checks = b.counter_vec(
-                    "tidepool_ryw_checks_total",
-                    "Replica reads that needed a session floor: the replica known past it (known), or asked in the read's flight (probed)",
-                    &["result"],
-                );
-                ["known", "probed"].map(|r| checks.with_label_values(&[r]))
-            },
+            ryw_checks: b.counters(
+                "tidepool_ryw_checks_total",
+                "Replica reads that needed a session floor: the replica known past it (known), or asked in the read's flight (probed)",
+                "result",
+                ["known", "probed"],
+            ),
             ryw_waits: b.counter(
                 "tidepool_ryw_waits_total",
                 "Reads that found their replica behind the session's floor and waited for it to catch up",
@@ -266,11 +267,21 @@ impl Metrics {
                 "Time a read waited for a replica to reach the session's floor (bounded by routing.ryw_wait)",
                 RYW_BUCKETS,
             ),
-            fallbacks: Fallback::ALL.map(|f| fallbacks.with_label_values(&[f.as_str()])),
+            fallbacks: b.counters(
+                "tidepool_primary_fallbacks_total",
+                "Reads meant for a replica that ran on the primary, by reason",
+                "reason",
+                Fallback::ALL.map(Fallback::as_str),
+            ),
             reads: ConsistencyMode::ALL.map(|mode| {
                 ["replica", "primary"].map(|by| reads.with_label_values(&[mode.as_str(), by]))
             }),
-            pins: PinReason::ALL.map(|r| pins.with_label_values(&[r.as_str()])),
+            pins: b.counters(
+                "tidepool_pins_total",
+                "Clients pinned to their server connection for the rest of their session, by reason",
+                "reason",
+                PinReason::ALL.map(PinReason::as_str),
+            ),
             prepared_hits: b.counter(
                 "tidepool_prepared_statement_cache_hits_total",
                 "Binds and Describes of a prepared statement the server connection already held",
@@ -287,14 +298,12 @@ impl Metrics {
                 "tidepool_pipelined_reads_total",
                 "Autocommit reads answered on a server connection shared with other clients' reads (pool.pipeline_depth)",
             ),
-            busy_poll_waits: {
-                let waits = b.counter_vec(
-                    "tidepool_busy_poll_waits_total",
-                    "Session waits polled without sleeping (listen.busy_poll): what was awaited came while polling (caught), or the budget ran out or other work started (parked)",
-                    &["outcome"],
-                );
-                ["caught", "parked"].map(|o| waits.with_label_values(&[o]))
-            },
+            busy_poll_waits: b.counters(
+                "tidepool_busy_poll_waits_total",
+                "Session waits polled without sleeping (listen.busy_poll): what was awaited came while polling (caught), or the budget ran out or other work started (parked)",
+                "outcome",
+                ["caught", "parked"],
+            ),
             classify_hits: b.counter(
                 "tidepool_classify_cache_hits_total",
                 "Statement classifications answered from the cache",
