@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::raw::RawClient;
-use common::{Harness, simple_rows, simple_value};
+use common::{Harness, simple_error, simple_rows, simple_value};
 use tidepool::config::ConsistencyMode;
 use tidepool::protocol::backend;
 use tidepool::protocol::frontend as fe;
@@ -156,16 +156,14 @@ async fn tokens_and_route_explanations() {
         .unwrap();
     let route = simple_value(&c, "show tidepool.route").await;
     assert!(route.contains("FFFFFFFF/0"), "{route}");
-    let err = c
-        .simple_query("set tidepool.min_lsn = 'nonsense'")
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&err), "22023");
-    let err = c
-        .simple_query("set tidepool.consistency = 'sometimes'")
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&err), "22023");
+    assert_eq!(
+        simple_error(&c, "set tidepool.min_lsn = 'nonsense'").await,
+        "22023"
+    );
+    assert_eq!(
+        simple_error(&c, "set tidepool.consistency = 'sometimes'").await,
+        "22023"
+    );
     c.simple_query("set tidepool.consistency = strong")
         .await
         .unwrap();
@@ -254,13 +252,15 @@ async fn report_lsn_off_asks_for_commit_lsns_only_where_the_mode_reads_them() {
     let c = h.connect().await;
     assert_eq!(simple_value(&c, "show tidepool.report_lsn").await, "off");
     c.batch_execute("insert into t values (3)").await.unwrap();
-    let err = c.simple_query("show tidepool.lsn").await.unwrap_err();
-    assert_eq!(common::sqlstate(&err), "55000", "not asked: unknown");
-    let err = c
-        .simple_query("set tidepool.report_lsn = sometimes")
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&err), "22023");
+    assert_eq!(
+        simple_error(&c, "show tidepool.lsn").await,
+        "55000",
+        "not asked: unknown"
+    );
+    assert_eq!(
+        simple_error(&c, "set tidepool.report_lsn = sometimes").await,
+        "22023"
+    );
 
     c.simple_query("set tidepool.consistency = read_your_writes")
         .await

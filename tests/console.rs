@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Harness, sqlstate};
+use common::{Harness, simple_error};
 
 const ADMIN: &str =
     "failures_before_down = 2\n\n[admin]\nuser = \"tidepool\"\npassword = \"adm\"\n";
@@ -71,14 +71,9 @@ async fn the_console_shows_nodes_pools_and_config_and_runs_a_switchover() {
     );
 
     let console = h.console().await;
-    let err = console
-        .simple_query("SHOW ME EVERYTHING")
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "42601");
+    assert_eq!(simple_error(&console, "SHOW ME EVERYTHING").await, "42601");
     // Started from a Config value, not a file: there is nothing to reread.
-    let err = console.simple_query("RELOAD").await.unwrap_err();
-    assert_eq!(sqlstate(&err), "55000");
+    assert_eq!(simple_error(&console, "RELOAD").await, "55000");
     console.simple_query("PAUSE").await.unwrap();
     console.simple_query("RESUME").await.unwrap();
     let to = h.cluster.nodes()[1].addr().to_string();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::post;
 use common::http::{self, Response};
-use common::{Harness, served_by, simple_value};
+use common::{Harness, served_by, simple_error, simple_value};
 use tidepool::admin::http::guarded;
 use tidepool::config::Secret;
 use tokio::io::AsyncWriteExt;
@@ -72,8 +72,7 @@ async fn counters_move_with_real_traffic() {
     for i in 0..6 {
         c.query_one(&read, &[&i]).await.unwrap();
     }
-    let err = c.simple_query("select 1/0").await.unwrap_err();
-    assert_eq!(common::sqlstate(&err), "22012");
+    assert_eq!(simple_error(&c, "select 1/0").await, "22012");
     let listener = h.connect().await;
     listener.batch_execute("listen events").await.unwrap();
 

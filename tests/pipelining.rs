@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Harness, http, metric_value, simple_value, sqlstate};
+use common::{Harness, http, metric_value, simple_error, simple_value, sqlstate};
 use tokio_postgres::types::Type;
 
 const ONE_CONNECTION: &str =
@@ -70,8 +70,7 @@ async fn each_client_gets_its_own_answers_settings_and_errors() {
                 assert_eq!(row.get::<_, i32>(0), value + 1);
                 assert_eq!(row.get::<_, String>(1), name);
                 if round % 10 == 3 {
-                    let e = c.simple_query("SELECT 1/0").await.unwrap_err();
-                    assert_eq!(sqlstate(&e), "22012");
+                    assert_eq!(simple_error(&c, "SELECT 1/0").await, "22012");
                     let zero = 0;
                     let e = c
                         .query_typed("SELECT 1/$1::int", &[(&zero, Type::INT4)])

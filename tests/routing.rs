@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{Harness, served_by, simple_rows, simple_value};
+use common::{Harness, served_by, simple_error, simple_rows, simple_value};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_and_side_effects_go_to_the_primary_reads_spread_over_replicas() {
@@ -153,13 +153,11 @@ async fn hints_and_session_route() {
         h.replica_ports()
             .contains(&served_by(&c, "select inet_server_port()").await)
     );
-    let err = c
-        .simple_query("set tidepool.route = sideways")
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&err), "22023");
-    let err = c.simple_query("show tidepool.nonsense").await.unwrap_err();
-    assert_eq!(common::sqlstate(&err), "42704");
+    assert_eq!(
+        simple_error(&c, "set tidepool.route = sideways").await,
+        "22023"
+    );
+    assert_eq!(simple_error(&c, "show tidepool.nonsense").await, "42704");
     // The session is still fine after its errors.
     assert_eq!(simple_rows(&c, "select 1").await, vec!["1"]);
 }

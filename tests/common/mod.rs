@@ -238,6 +238,14 @@ pub async fn served_by(client: &Client, sql: &str) -> u16 {
     simple_value(client, sql).await.parse().expect("a port")
 }
 
+/// The SQLSTATE of the error a simple query must fail with.
+pub async fn simple_error(client: &Client, sql: &str) -> String {
+    match client.simple_query(sql).await {
+        Ok(_) => panic!("{sql}: succeeded, where an error was expected"),
+        Err(e) => sqlstate(&e),
+    }
+}
+
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code()
         .map(|c| c.code().to_owned())
