@@ -95,7 +95,7 @@ fn inspect_sql(sql: &str) -> Intent {
 
 fn classifier() -> &'static Classifier {
     static CLASSIFIER: OnceLock<Classifier> = OnceLock::new();
-    CLASSIFIER.get_or_init(|| Classifier::new(1024, &[]))
+    CLASSIFIER.get_or_init(|| Classifier::new(1024, usize::MAX, &[]))
 }
 
 /// The first bytes of a connection: a startup-phase packet read as the
@@ -220,7 +220,7 @@ fn scram_user() -> &'static UserEntry {
 /// fingerprint, so two texts with one fingerprint and different verdicts
 /// would route one of them by the other's.
 pub fn classify(data: &[u8]) {
-    let classifier = Classifier::new(64, &[]);
+    let classifier = Classifier::new(64, usize::MAX, &[]);
     for text in data.split(|&b| b == 0) {
         let Ok(sql) = std::str::from_utf8(text) else {
             continue;

@@ -26,7 +26,7 @@ use crate::frontend::cancel::ClientState;
 use crate::frontend::session::PinReason;
 use crate::ha::HaStatus;
 use crate::pool::PoolKey;
-use crate::route::classify::CacheStats;
+use crate::route::classify::ClassifyStats;
 use crate::route::policy::{Fallback, RouteReason};
 use crate::topology::{Health, NodeId, Role, Topology};
 
@@ -91,6 +91,7 @@ pub struct Metrics {
     busy_poll_waits: [IntCounter; 2],
     classify_hits: IntCounter,
     classify_misses: IntCounter,
+    classify_too_long: IntCounter,
 
     epoch: IntGauge,
     worker_threads: IntGauge,
@@ -312,6 +313,10 @@ impl Metrics {
                 "tidepool_classify_cache_misses_total",
                 "Statement classifications that needed a parse",
             ),
+            classify_too_long: b.counter(
+                "tidepool_classify_too_long_total",
+                "Statements sent to the primary without a parse for their length (routing.classify_max_bytes)",
+            ),
             epoch: b.gauge(
                 "tidepool_topology_epoch",
                 "The topology epoch (fencing token) this proxy follows",
@@ -508,11 +513,14 @@ impl Metrics {
                 .set(clamp(*count as u64));
         }
         // Counters only go up: add what the classifier counted since the last scrape.
-        let cache = view.classify_cache;
-        self.classify_hits
-            .inc_by(cache.hits.saturating_sub(self.classify_hits.get()));
-        self.classify_misses
-            .inc_by(cache.misses.saturating_sub(self.classify_misses.get()));
+        let counted = view.classify;
+        for (counter, total) in [
+            (&self.classify_hits, counted.hits),
+            (&self.classify_misses, counted.misses),
+            (&self.classify_too_long, counted.too_long),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         let mut text = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
         Ok(String::from_utf8_lossy(&text).into_owned())
@@ -614,7 +622,7 @@ pub struct ScrapeView<'a> {
     pub topology: &'a Topology,
     pub ha: &'a HaStatus,
     pub pools: &'a [(PoolKey, deadpool::Status)],
-    pub classify_cache: CacheStats,
+    pub classify: ClassifyStats,
     /// Logged-in clients per state.
     pub clients: &'a [(ClientState, usize)],
 }
@@ -666,7 +674,11 @@ mod tests {
                 topology,
                 ha: &HaStatus::default(),
                 pools: &[],
-                classify_cache: CacheStats { hits: 3, misses: 1 },
+                classify: ClassifyStats {
+                    hits: 3,
+                    misses: 1,
+                    too_long: 2,
+                },
                 clients: &[],
             })
             .unwrap()
@@ -695,6 +707,7 @@ mod tests {
             r#"tidepool_client_errors_total{class="57"} 1"#,
             r#"tidepool_client_errors_total{class="invalid"} 1"#,
             "tidepool_classify_cache_hits_total 3",
+            "tidepool_classify_too_long_total 2",
             r#"tidepool_node_role{node="127.0.0.1:5432",role="unknown"} 1"#,
         ] {
             assert!(

@@ -130,6 +130,7 @@ impl Proxy {
             topology: topology.clone(),
             classifier: Classifier::new(
                 config.routing.classify_cache_size,
+                config.routing.classify_max_bytes,
                 &config.routing.write_functions,
             ),
             picker: ReplicaPicker::default(),

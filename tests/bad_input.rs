@@ -28,7 +28,16 @@ async fn start() -> (Harness, Client) {
         replicas: 0,
         ..ClusterSpec::default()
     };
-    let h = Harness::start_spec(spec, |_| String::new(), |c| c.users[0].allow_md5 = true).await;
+    let h = Harness::start_spec(
+        spec,
+        |_| String::new(),
+        |c| {
+            c.users[0].allow_md5 = true;
+            // The classifier parses all it may be configured to.
+            c.routing.classify_max_bytes = 1 << 20;
+        },
+    )
+    .await;
     let bystander = h.connect().await;
     bystander
         .batch_execute("begin; create temp table mine (x int); insert into mine values (1)")
@@ -419,6 +428,12 @@ async fn statements_that_trip_the_proxys_parsers_get_the_servers_answer() {
     raw.send(&[fe::query(&deep)]).await;
     let (tags, _) = raw.until_ready().await;
     assert!(tags.ends_with('Z'), "{tags}");
+    // A chain of operators is one tree level each: the drop of this one's
+    // tree once overflowed the proxy's stack and took every session down.
+    let chain = format!("select {}", vec!["1"; 200_000].join("+"));
+    raw.send(&[fe::query(&chain)]).await;
+    let (tags, code) = raw.until_ready().await;
+    assert_eq!((tags, code), ("EZ".into(), Some("54001".into())));
     raw.send(&[fe::query("select 'still here'")]).await;
     assert_eq!(raw.until_ready().await, ("TDCZ".into(), None));
     nobody_else_noticed(&h, &bystander).await;

@@ -31,6 +31,13 @@ async fn writes_and_side_effects_go_to_the_primary_reads_spread_over_replicas() 
     for sql in on_primary {
         assert_eq!(served_by(&c, sql).await, primary, "{sql}");
     }
+    // A read longer than routing.classify_max_bytes (32 KiB) is not parsed.
+    let long = format!(
+        "select inet_server_port() where '{}' <> ''",
+        "x".repeat(40_000)
+    );
+    assert_eq!(served_by(&c, &long).await, primary);
+    assert_eq!(h.metric("tidepool_classify_too_long_total").await, Some(1));
 
     h.polled().await;
     let mut seen = HashSet::new();

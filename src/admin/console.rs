@@ -449,6 +449,10 @@ fn config(shared: &Shared) -> Vec<Frame> {
         ),
         ("routing.ryw_wait", format!("{:?}", c.routing.ryw_wait)),
         ("routing.report_lsn", c.routing.report_lsn.to_string()),
+        (
+            "routing.classify_max_bytes",
+            c.routing.classify_max_bytes.to_string(),
+        ),
         ("cluster.nodes", c.cluster.nodes.join(",")),
         ("cluster.admin_user", c.cluster.admin_user.clone()),
         ("cluster.sslmode", c.cluster.sslmode.as_str().to_owned()),

@@ -170,7 +170,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         topology: &topology,
         ha: &ha,
         pools: &pools,
-        classify_cache: shared.classifier.cache_stats(),
+        classify: shared.classifier.stats(),
     };
     match shared.metrics.scrape(&view) {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),

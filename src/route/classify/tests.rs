@@ -229,30 +229,31 @@ fn extra_write_functions_are_configurable() {
         classify_uncached("select * from my_writer(1)", &extra),
         Intent::Write
     );
-    let classifier = Classifier::new(16, &extra);
+    let classifier = Classifier::new(16, usize::MAX, &extra);
     assert_eq!(classifier.classify("select my_writer()"), Intent::Write);
     assert_eq!(classifier.classify("select my_reader()"), Intent::Read);
 }
 
 #[test]
 fn cache_hits_on_statements_differing_only_in_constants() {
-    let classifier = Classifier::new(64, &[]);
+    let classifier = Classifier::new(64, usize::MAX, &[]);
     for aid in 1..=1000 {
         let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};");
         assert_eq!(classifier.classify(&sql), Intent::Read);
     }
     assert_eq!(
-        classifier.cache_stats(),
-        CacheStats {
+        classifier.stats(),
+        ClassifyStats {
             hits: 999,
-            misses: 1
+            misses: 1,
+            too_long: 0,
         }
     );
 }
 
 #[test]
 fn cache_keeps_shapes_apart() {
-    let classifier = Classifier::new(64, &[]);
+    let classifier = Classifier::new(64, usize::MAX, &[]);
     assert_eq!(classifier.classify("select currval('a')"), Intent::Write);
     assert_eq!(classifier.classify("select 'currval(a)'"), Intent::Read);
     assert_eq!(classifier.classify("select * from t1"), Intent::Read);
@@ -276,21 +277,21 @@ fn cache_keeps_shapes_apart() {
         classifier.classify("begin"),
         Intent::Begin { read_only: false }
     );
-    assert_eq!(classifier.cache_stats().hits, 0);
+    assert_eq!(classifier.stats().hits, 0);
 }
 
 #[test]
 fn cache_is_bounded_and_optional() {
-    let classifier = Classifier::new(1, &[]);
+    let classifier = Classifier::new(1, usize::MAX, &[]);
     classifier.classify("select 1");
     classifier.classify("select * from t");
     classifier.classify("select 2");
-    assert_eq!(classifier.cache_stats(), CacheStats { hits: 0, misses: 3 });
+    assert_eq!(classifier.stats().misses, 3);
 
-    let uncached = Classifier::new(0, &[]);
+    let uncached = Classifier::new(0, usize::MAX, &[]);
     assert_eq!(uncached.classify("select 1"), Intent::Read);
     assert_eq!(uncached.classify("select 1"), Intent::Read);
-    assert_eq!(uncached.cache_stats(), CacheStats::default());
+    assert_eq!(uncached.stats(), ClassifyStats::default());
 }
 
 #[test]
@@ -306,4 +307,86 @@ fn primary_only_views_go_to_the_primary() {
         classify_uncached("select * from pg_class", &[]),
         Intent::Read
     );
+}
+
+#[test]
+fn writes_are_known_by_their_first_word_without_a_parse() {
+    let classifier = Classifier::new(64, usize::MAX, &[]);
+    for sql in [
+        "insert into t values (1)",
+        "/* tidepool: primary */ INSERT INTO t SELECT * FROM u",
+        "  Update t set a = 1",
+        "delete from t",
+        "create table x (a int)",
+        "drop table x; select 1",
+        "vacuum",
+        "analyze t",
+        "call p()",
+        "lock table t",
+        "truncate t",
+    ] {
+        assert_eq!(classifier.classify(sql), Intent::Write, "{sql}");
+    }
+    assert_eq!(classifier.stats(), ClassifyStats::default());
+    // Reads that merely look like them still reach the parser.
+    assert_eq!(
+        classifier.classify("copy (select 1) to stdout"),
+        Intent::Read
+    );
+    assert_eq!(
+        classifier.classify("select \"insert\" from t"),
+        Intent::Read
+    );
+}
+
+#[test]
+fn statements_longer_than_the_limit_go_to_the_primary_unparsed() {
+    let classifier = Classifier::new(64, 1024, &[]);
+    let read = |len: usize| format!("select '{}'", "x".repeat(len - 9));
+    assert_eq!(classifier.classify(&read(1024)), Intent::Read);
+    assert_eq!(classifier.classify(&read(1025)), Intent::Write);
+    // Transaction control and proxy commands are known at any length.
+    let begin = format!("begin /* {} */", "x".repeat(2000));
+    assert_eq!(
+        classifier.classify(&begin),
+        Intent::Begin { read_only: false }
+    );
+    assert_eq!(
+        classifier.stats(),
+        ClassifyStats {
+            hits: 0,
+            misses: 1,
+            too_long: 1,
+        }
+    );
+}
+
+/// An operator chain is one tree level per operator: its drop once
+/// overflowed a 2 MiB thread (a tokio worker's) and aborted the proxy.
+#[test]
+fn operator_chains_of_any_depth_are_classified_on_a_worker_sized_stack() {
+    let chains = [
+        (
+            format!("select {}", vec!["1"; 100_000].join("+")),
+            Intent::Read,
+        ),
+        (format!("select a{}", "[1]".repeat(60_000)), Intent::Read),
+        (
+            format!(
+                "select 1 from t where {} or nextval('s') = 1",
+                vec!["a = 1"; 30_000].join(" or ")
+            ),
+            Intent::Write,
+        ),
+    ];
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            for (sql, intent) in chains {
+                assert_eq!(classify_uncached(&sql, &[]), intent, "{}", &sql[..40]);
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }
