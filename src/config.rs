@@ -267,7 +267,7 @@ pub struct RoutingConfig {
     /// Statement classifications cached, keyed by a literal-free fingerprint.
     pub classify_cache_size: usize,
     /// Longer statements go to the primary without a parse: parsing takes
-    /// the proxy's thread 0.2–1 µs a byte, while every session it serves
+    /// the proxy's thread 0.2–2 µs a byte, while every session it serves
     /// waits. Statements that are writes by their first word (INSERT,
     /// UPDATE, ...) are never parsed, whatever their length.
     pub classify_max_bytes: usize,

@@ -93,7 +93,7 @@ const LEADING_WORDS: &[&str] = &[
 
 /// First words of statements that are writes whatever follows, and of texts
 /// that run one first: the parser could only say so, after costing the
-/// proxy's thread 0.2–1 µs a byte, which a batch `INSERT` of a few hundred
+/// proxy's thread 0.2–2 µs a byte, which a batch `INSERT` of a few hundred
 /// rows made milliseconds, for every batch of a new size. (`COPY` is not
 /// here: `COPY (SELECT …) TO STDOUT` reads.)
 const WRITE_WORDS: &[&str] = &[
