@@ -77,6 +77,39 @@ async fn without_tls_sslmode_require_is_refused_and_prefer_works() {
     );
 }
 
+/// A walsender cannot be pooled: pg_basebackup or a logical replication
+/// client is told so at once (PostgreSQL's feature_not_supported), not
+/// handed an ordinary backend that answers its first command with 42601.
+#[tokio::test(flavor = "multi_thread")]
+async fn replication_connections_are_refused_and_replication_false_is_ordinary() {
+    let h = Harness::start("").await;
+    let with = |replication: &str| {
+        Command::new("psql")
+            .envs(h.pg_env())
+            .args(["-X", "-At", "-c", "select 'ordinary'", "-d"])
+            .arg(format!("replication={replication}"))
+            .output()
+            .unwrap()
+    };
+    for refused in ["database", "true", "on"] {
+        let out = with(refused);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "replication={refused}");
+        assert!(
+            stderr.contains("replication connections (replication=")
+                && stderr.contains("not supported through tidepool"),
+            "{stderr}"
+        );
+    }
+    let out = with("false");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ordinary",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn md5_when_allowed_for_the_user() {
     let h = Harness::start_with("", |c| c.users[0].allow_md5 = true).await;

@@ -18,6 +18,13 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("startup did not finish in time")]
     StartupTimeout,
+    /// A walsender's protocol (`replication=true` or `database` in the
+    /// startup packet) cannot be pooled or routed: the client must reach
+    /// the node itself.
+    #[error(
+        "replication connections (replication={0}) are not supported through tidepool: connect to the node directly"
+    )]
+    Replication(String),
     #[error("role {0:?} does not exist")]
     UnknownUser(String),
     #[error("password authentication failed for user {0:?}")]
@@ -115,6 +122,7 @@ impl ClientError {
             ClientError::StartupTimeout => {
                 fatal("08P01", "canceling authentication due to timeout")
             }
+            ClientError::Replication(_) => fatal("0A000", &self.to_string()),
             ClientError::UnknownUser(_) => fatal("28000", &self.to_string()),
             ClientError::AuthFailed(_) => fatal("28P01", &self.to_string()),
             ClientError::TooManyClients => fatal("53300", "sorry, too many clients already"),

@@ -165,6 +165,10 @@ async fn log_in(
     else {
         return Ok(None);
     };
+    if let Some(mode) = startup.get("replication").filter(|m| !is_false(m)) {
+        let refused = ClientError::Replication(mode.to_owned());
+        return Err(refuse(client, refused).await);
+    }
     let info = |user: &str, database: &str| {
         Arc::new(ClientInfo {
             user: user.to_owned(),
@@ -291,6 +295,15 @@ fn console_user(
 }
 
 /// Tells the client why it cannot have a session, then closes.
+/// PostgreSQL's spellings of a false boolean (`parse_bool`): a prefix of
+/// `false` or `no`, `of` or `off`, or `0`. `replication=false` asks for an
+/// ordinary connection.
+fn is_false(value: &str) -> bool {
+    let v = value.to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(v.as_str());
+    v == "0" || prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2)
+}
+
 async fn refuse(mut client: ClientConn, error: ClientError) -> ClientError {
     if let Some(frame) = error.to_frame() {
         let _ = client.send(&frame).await;
@@ -383,6 +396,16 @@ async fn server_parameters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replication_false_is_spelled_as_postgresql_spells_it() {
+        for value in ["false", "F", "fal", "no", "N", "off", "OF", "0"] {
+            assert!(is_false(value), "{value}");
+        }
+        for value in ["true", "on", "o", "1", "database", "yes", "", "falsey"] {
+            assert!(!is_false(value), "{value}");
+        }
+    }
 
     #[test]
     fn a_busy_pools_login_hears_its_own_values() {
