@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Harness, connect, served_by, sqlstate};
+use common::raw::RawClient;
+use common::{Harness, connect, served_by, simple_value, sqlstate, wait_for};
+use tidepool::protocol::frontend as fe;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_logins_get_the_right_sqlstate() {
@@ -112,6 +114,66 @@ async fn a_primary_killed_mid_transaction_is_reported_with_how_it_was_lost() {
     c.batch_execute("rollback").await.unwrap();
     let port = served_by(&c, "select inet_server_port()").await;
     assert!(h.replica_ports().contains(&port));
+}
+
+/// A client gone while its statement runs inside a transaction block
+/// leaves no locks behind: the statement is cancelled rather than left to
+/// run out for a transaction that can only roll back. A statement running
+/// outside a block finishes and commits, as over a direct connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vanished_clients_transaction_lets_go_of_its_locks_at_once() {
+    let h = Harness::start_with("", |c| c.users[0].allow_md5 = true).await;
+    let c = h.connect().await;
+    c.batch_execute("create table held (v int)").await.unwrap();
+    let admin = h.admin().await;
+    let sleeping = async || {
+        let sql = "select count(*) from pg_stat_activity \
+                   where query like 'select pg_sleep(60)%' and pid <> pg_backend_pid()";
+        admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    };
+
+    let mut raw = RawClient::connect(h.port()).await;
+    for sql in ["begin", "lock table held"] {
+        raw.send(&[fe::query(sql)]).await;
+        assert_eq!(raw.until_ready().await.1, None, "{sql}");
+    }
+    raw.send(&[fe::query("select pg_sleep(60)")]).await;
+    wait_for(Duration::from_secs(10), "the sleep runs", async || {
+        sleeping().await == 1
+    })
+    .await;
+    drop(raw);
+    let took = wait_for(
+        Duration::from_secs(10),
+        "the sleep is cancelled",
+        async || sleeping().await == 0,
+    )
+    .await;
+    let insert = c.batch_execute("insert into held values (1)");
+    tokio::time::timeout(Duration::from_secs(10), insert)
+        .await
+        .expect("the table's lock was let go")
+        .unwrap();
+    println!("cancelled {took:?} after the client left");
+
+    let mut raw = RawClient::connect(h.port()).await;
+    raw.send(&[fe::query("insert into held select 2 from pg_sleep(1)")])
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(raw);
+    wait_for(
+        Duration::from_secs(10),
+        "the autocommit insert commits",
+        async || {
+            simple_value(
+                &c,
+                "/* tidepool: primary */ select count(*) from held where v = 2",
+            )
+            .await
+                == "1"
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -898,7 +898,19 @@ impl Session {
         let clean = server.status == TxStatus::Idle && self.pending.is_empty() && !self.unsynced;
         if !clean {
             // Its transaction (and locks) must end now, not when the pool
-            // next looks at it: close it.
+            // next looks at it: close it. A backend notices a closed socket
+            // only when it next reads or writes, so a statement still
+            // running inside a transaction block would hold the block's
+            // locks until it finished, for a transaction that can only roll
+            // back: it is cancelled. One running outside a block is left to
+            // finish, and commit, as it would if its client had gone from
+            // a direct connection.
+            if !self.pending.is_empty() && server.status != TxStatus::Idle {
+                self.shared
+                    .cancels
+                    .send_cancel(server.conn.addr, server.conn.key)
+                    .await;
+            }
             discard(server.conn);
             return;
         }
