@@ -507,8 +507,10 @@ async fn busy_polling_sessions_get_their_own_answers_in_order() {
     // Alone, every wait may spin; side by side, only while no other unit runs.
     work(0).await;
     let alone = h.metric(caught).await.expect(caught) - before;
-    // Each of its 120 round trips waits for the server, then the client.
-    assert!(alone >= 120, "{alone} waits caught while polling");
+    // Each of its 120 round trips waits for the server, then the client:
+    // most waits are caught on an idle machine (367 seen), fewer on a busy
+    // one (118 in a CI run beside other work), none with polling off.
+    assert!(alone >= 30, "{alone} waits caught while polling");
     futures_util::future::join_all((1..5).map(work)).await;
     assert_eq!(
         simple_value(&setup, "SELECT count(*) FROM spun").await,
