@@ -3,7 +3,8 @@
 //! Used by `tidepool demo`, the integration tests and the benchmarks, so it optimises
 //! for start-up time (no fsync, parallel base backups, no `pg_ctl` polling loops) and
 //! for never leaking servers: every postmaster is our direct child, tracked by PID,
-//! and stopped in `Drop` before the temp dir is removed.
+//! and stopped in `Drop` before the temp dir is removed; a cluster whose owner died
+//! without its `Drop` is stopped and removed by the next one started (`orphans`).
 //!
 //! The API is synchronous on purpose: `Cluster::start` blocks for a couple of seconds,
 //! and async callers can wrap it in `tokio::task::spawn_blocking`.
@@ -19,6 +20,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+mod orphans;
 
 /// How long a node may take to accept connections before we give up on it.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -450,9 +453,16 @@ impl Env {
         let (bin, psql) = find_binaries()?;
         let parent =
             std::env::var_os("TIDEPOOL_TMPDIR").map_or_else(|| "/tmp".into(), PathBuf::from);
+        for dir in orphans::reap(&parent) {
+            tracing::warn!(%dir, "stopped and removed a cluster whose owner had died");
+        }
         let dir = tempfile::Builder::new().prefix("tp-").tempdir_in(&parent);
         let dir = dir.map_err(io_err(format!("creating temp dir in {}", parent.display())))?;
         let root = dir.path().to_path_buf();
+        if let Some(owner) = orphans::this_owner() {
+            fs::write(root.join(orphans::OWNER_FILE), owner)
+                .map_err(io_err("writing the cluster's owner"))?;
+        }
         // Files we create are owned by our effective uid: a cheap, safe `geteuid`.
         let euid = fs::metadata(&root).map_err(io_err("stat temp dir"))?.uid();
         let run_as = if euid == 0 {
