@@ -225,6 +225,47 @@ async fn pool_exhaustion_is_53300() {
     waiter.batch_execute("select 1").await.unwrap();
 }
 
+/// A client that leaves while its write waits for a server never has it
+/// run: it saw its connection fail and may be retrying elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_whose_client_left_while_it_waited_for_a_server_never_runs() {
+    let h = Harness::start_with("[pool]\nsize = 1\ncheckout_timeout = \"20s\"\n", |c| {
+        c.users[0].allow_md5 = true
+    })
+    .await;
+    let holder = h.connect().await;
+    holder
+        .batch_execute("create table queued (v int); begin; insert into queued values (1)")
+        .await
+        .unwrap();
+    let mut raw = RawClient::connect(h.port()).await;
+    raw.send(&[fe::query("insert into queued values (2)")])
+        .await;
+    let waiting = "tidepool_clients{state=\"waiting\"}";
+    wait_for(Duration::from_secs(10), "the insert waits", async || {
+        h.metric(waiting).await == Some(1)
+    })
+    .await;
+    drop(raw);
+    wait_for(Duration::from_secs(10), "the waiter is gone", async || {
+        h.metric(waiting).await == Some(0)
+    })
+    .await;
+    holder.batch_execute("commit").await.unwrap();
+    // Had it been kept, the insert would run as soon as the commit freed the
+    // pool's one connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        simple_value(
+            &holder,
+            "/* tidepool: primary */ select string_agg(v::text, ',') from queued"
+        )
+        .await,
+        "1"
+    );
+    assert_eq!(h.metric("tidepool_session_panics_total").await, Some(0));
+}
+
 /// A replica shutting down (smart shutdown, waiting for an open session)
 /// refuses new connections with 57P03 while the monitor's connection still
 /// answers for it: a read that meets the refusal goes to another node

@@ -72,6 +72,10 @@ pub enum RouteError {
     /// The client cancelled while its statement waited for a server.
     #[error("canceling statement due to user request")]
     Cancelled,
+    /// The client closed its connection while its statement waited for a
+    /// server: the statement is dropped, never sent.
+    #[error("the client closed its connection while its statement waited for a server")]
+    ClientGone,
 }
 
 impl RouteError {
@@ -101,7 +105,7 @@ impl RouteError {
             RouteError::NoPrimary | RouteError::NoServer => "57P03",
             RouteError::WritesRefused(_) => "25006",
             RouteError::Checkout(CheckoutError::Exhausted(_)) => "53300",
-            RouteError::Checkout(_) | RouteError::ServerLost(_) => "08006",
+            RouteError::Checkout(_) | RouteError::ServerLost(_) | RouteError::ClientGone => "08006",
             RouteError::Cancelled => "57014",
         }
     }

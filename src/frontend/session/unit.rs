@@ -91,6 +91,9 @@ impl Session {
             .then(|| self.consistency.floor())
             .flatten();
         if let Err(e) = self.attach(destination, floor).await {
+            if matches!(e, RouteError::ClientGone) {
+                return Err(ClientError::Gone);
+            }
             tracing::debug!(error = %e, "no server for statement");
             self.client.send(&e.to_frame(Severity::Error)).await?;
             if self.held_begin.is_some() {
@@ -254,11 +257,29 @@ impl Session {
                 Some(done) => done,
                 None => {
                     let cancelled = self.cancel.set_waiting();
-                    tokio::select! {
-                        done = &mut checkout => done,
-                        _ = cancelled.notified() => {
-                            self.cancel.set_target(None);
-                            return Err(RouteError::Cancelled);
+                    let cancelled = cancelled.notified();
+                    tokio::pin!(cancelled);
+                    // A client that leaves while its statement waits for a
+                    // server (up to checkout_timeout) must not have it run
+                    // once one is free: it has seen its connection fail,
+                    // and may be retrying the write elsewhere. Its socket
+                    // is read once to see it close; what else it sends
+                    // stays buffered for after the wait.
+                    let mut watching = true;
+                    loop {
+                        tokio::select! {
+                            done = &mut checkout => break done,
+                            _ = &mut cancelled => {
+                                self.cancel.set_target(None);
+                                return Err(RouteError::Cancelled);
+                            }
+                            read = self.client.fill(false), if watching => match read {
+                                Ok(0) | Err(_) => {
+                                    self.cancel.set_target(None);
+                                    return Err(RouteError::ClientGone);
+                                }
+                                Ok(_) => watching = false,
+                            },
                         }
                     }
                 }
