@@ -266,6 +266,56 @@ async fn a_write_whose_client_left_while_it_waited_for_a_server_never_runs() {
     assert_eq!(h.metric("tidepool_session_panics_total").await, Some(0));
 }
 
+/// The same for a statement held by a pause (`tidepool ctl pause`, and
+/// every switchover): resumed, it does not run for a client that has gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_whose_client_left_during_a_pause_never_runs() {
+    let h = Harness::start_with("", |c| c.users[0].allow_md5 = true).await;
+    let c = h.connect().await;
+    c.batch_execute("create table held_back (v int)")
+        .await
+        .unwrap();
+    h.proxy().ha().pause().await.unwrap();
+    let mut gone = RawClient::connect(h.port()).await;
+    gone.send(&[fe::query("insert into held_back values (1)")])
+        .await;
+    let mut stays = RawClient::connect(h.port()).await;
+    stays
+        .send(&[fe::query("insert into held_back values (2)")])
+        .await;
+    let clients = async || {
+        let mut all = 0;
+        for state in ["active", "idle", "waiting"] {
+            let sample = format!("tidepool_clients{{state=\"{state}\"}}");
+            all += h.metric(&sample).await.unwrap_or(0);
+        }
+        all
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(clients().await, 3);
+    drop(gone);
+    // Its session ends while the pause lasts, its statement with it.
+    wait_for(
+        Duration::from_secs(5),
+        "the client that left is gone",
+        async || clients().await == 2,
+    )
+    .await;
+    h.proxy().ha().resume().await.unwrap();
+    // (The ParameterStatus of the write's commit LSN token aside.)
+    let (tags, code) = stays.until_ready().await;
+    assert_eq!((tags.replace('S', ""), code), ("CZ".into(), None));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        simple_value(
+            &c,
+            "/* tidepool: primary */ select string_agg(v::text, ',') from held_back"
+        )
+        .await,
+        "2"
+    );
+}
+
 /// A replica shutting down (smart shutdown, waiting for an open session)
 /// refuses new connections with 57P03 while the monitor's connection still
 /// answers for it: a read that meets the refusal goes to another node

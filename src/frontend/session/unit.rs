@@ -84,7 +84,16 @@ impl Session {
         intent: &Intent,
         hint: Option<crate::route::hint::Hint>,
     ) -> Result<bool, ClientError> {
-        wait_while_paused(&self.shared.topology).await;
+        // The hot path: no pause, nothing to watch.
+        if self.shared.topology.load().paused_until.is_some() {
+            let pause = wait_while_paused(&self.shared.topology);
+            if unless_client_leaves(&mut self.client, pause)
+                .await
+                .is_none()
+            {
+                return Err(ClientError::Gone);
+            }
+        }
         let (destination, reason) = self.route_unit(intent, hint);
         // A hinted read asked for a replica, whatever its freshness.
         let floor = (destination == Destination::Replica && hint.is_none())
@@ -257,29 +266,20 @@ impl Session {
                 Some(done) => done,
                 None => {
                     let cancelled = self.cancel.set_waiting();
-                    let cancelled = cancelled.notified();
-                    tokio::pin!(cancelled);
-                    // A client that leaves while its statement waits for a
-                    // server (up to checkout_timeout) must not have it run
-                    // once one is free: it has seen its connection fail,
-                    // and may be retrying the write elsewhere. Its socket
-                    // is read once to see it close; what else it sends
-                    // stays buffered for after the wait.
-                    let mut watching = true;
-                    loop {
+                    let wait = async {
                         tokio::select! {
-                            done = &mut checkout => break done,
-                            _ = &mut cancelled => {
-                                self.cancel.set_target(None);
-                                return Err(RouteError::Cancelled);
-                            }
-                            read = self.client.fill(false), if watching => match read {
-                                Ok(0) | Err(_) => {
-                                    self.cancel.set_target(None);
-                                    return Err(RouteError::ClientGone);
-                                }
-                                Ok(_) => watching = false,
-                            },
+                            done = &mut checkout => Some(done),
+                            _ = cancelled.notified() => None,
+                        }
+                    };
+                    match unless_client_leaves(&mut self.client, wait).await {
+                        Some(Some(done)) => done,
+                        cut_short => {
+                            self.cancel.set_target(None);
+                            return Err(match cut_short {
+                                None => RouteError::ClientGone,
+                                _ => RouteError::Cancelled,
+                            });
                         }
                     }
                 }
@@ -359,6 +359,30 @@ impl Session {
 
 /// Holds a new unit of work while a switchover pauses traffic: the client
 /// sees a pause, not an error. The pause carries its own deadline.
+/// Waits for `wait` unless the client's connection closes first (`None`).
+/// A statement held back (a full pool, up to `checkout_timeout`; a
+/// switchover's pause) must not run once its client has gone: the client
+/// has seen its connection fail and may be retrying the write elsewhere.
+/// The socket is read once to see it close; what else the client sends
+/// meanwhile stays buffered for after the wait.
+async fn unless_client_leaves<T>(
+    client: &mut ClientConn,
+    wait: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(wait);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut wait => return Some(done),
+            read = client.fill(false), if watching => match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => watching = false,
+            },
+        }
+    }
+}
+
 pub(super) async fn wait_while_paused(topology: &crate::topology::SharedTopology) {
     // The hot path: no pause, no subscription to topology changes, and a
     // small future (the wait is boxed) for every statement to carry.
