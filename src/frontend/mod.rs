@@ -294,7 +294,6 @@ fn console_user(
     (database == crate::admin::console::DATABASE && user == admin.name).then(|| admin.clone())
 }
 
-/// Tells the client why it cannot have a session, then closes.
 /// PostgreSQL's spellings of a false boolean (`parse_bool`): a prefix of
 /// `false` or `no`, `of` or `off`, or `0`. `replication=false` asks for an
 /// ordinary connection.
@@ -304,6 +303,7 @@ fn is_false(value: &str) -> bool {
     v == "0" || prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2)
 }
 
+/// Tells the client why it cannot have a session, then closes.
 async fn refuse(mut client: ClientConn, error: ClientError) -> ClientError {
     if let Some(frame) = error.to_frame() {
         let _ = client.send(&frame).await;

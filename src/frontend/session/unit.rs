@@ -274,12 +274,13 @@ impl Session {
                     };
                     match unless_client_leaves(&mut self.client, wait).await {
                         Some(Some(done)) => done,
-                        cut_short => {
+                        Some(None) => {
                             self.cancel.set_target(None);
-                            return Err(match cut_short {
-                                None => RouteError::ClientGone,
-                                _ => RouteError::Cancelled,
-                            });
+                            return Err(RouteError::Cancelled);
+                        }
+                        None => {
+                            self.cancel.set_target(None);
+                            return Err(RouteError::ClientGone);
                         }
                     }
                 }
@@ -357,8 +358,6 @@ impl Session {
     }
 }
 
-/// Holds a new unit of work while a switchover pauses traffic: the client
-/// sees a pause, not an error. The pause carries its own deadline.
 /// Waits for `wait` unless the client's connection closes first (`None`).
 /// A statement held back (a full pool, up to `checkout_timeout`; a
 /// switchover's pause) must not run once its client has gone: the client
@@ -383,6 +382,8 @@ async fn unless_client_leaves<T>(
     }
 }
 
+/// Holds a new unit of work while a switchover pauses traffic: the client
+/// sees a pause, not an error. The pause carries its own deadline.
 pub(super) async fn wait_while_paused(topology: &crate::topology::SharedTopology) {
     // The hot path: no pause, no subscription to topology changes, and a
     // small future (the wait is boxed) for every statement to carry.
