@@ -363,7 +363,9 @@ impl Session {
 /// switchover's pause) must not run once its client has gone: the client
 /// has seen its connection fail and may be retrying the write elsewhere.
 /// The socket is read once to see it close; what else the client sends
-/// meanwhile stays buffered for after the wait.
+/// meanwhile stays buffered for after the wait. A client that sent more
+/// (a Terminate after its statement, say) is not watched further: its
+/// statement runs, as PostgreSQL runs every message it has received.
 async fn unless_client_leaves<T>(
     client: &mut ClientConn,
     wait: impl std::future::Future<Output = T>,
