@@ -162,8 +162,7 @@ impl NodeProcess {
     }
 
     fn started_elsewhere(&self) -> Option<u32> {
-        let text = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        let pid = pid_file(&self.data_dir)?;
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         (is_alive(pid) && comm.trim() == "postgres").then_some(pid)
     }
@@ -858,13 +857,26 @@ fn is_alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
 }
 
-/// `(state, ppid)` of a process. The command name may contain spaces and
-/// parentheses, so parse from the last `)`.
+/// The PID in a data dir's `postmaster.pid`, whether or not it still runs.
+fn pid_file(data_dir: &Path) -> Option<u32> {
+    let text = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// `(state, ppid)` of a process.
 fn proc_stat(pid: u32) -> Option<(char, u32)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let fields = stat_fields(pid)?;
+    let mut fields = fields.split_whitespace();
     let state = fields.next()?.chars().next()?;
     Some((state, fields.next()?.parse().ok()?))
+}
+
+/// `/proc/PID/stat` from field 3 (the state) on. The command name before
+/// it may contain spaces and parentheses, so the fields start after the
+/// last `)`.
+fn stat_fields(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat[stat.rfind(')')? + 1..].to_owned())
 }
 
 /// The last 4 KiB of a server log.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::thread;
 use std::time::Instant;
 
-use super::{DROP_GRACE, POLL, send_signal};
+use super::{DROP_GRACE, POLL, is_alive, pid_file, send_signal, stat_fields};
 
 pub(super) const OWNER_FILE: &str = "owner";
 
@@ -46,10 +46,13 @@ pub(super) fn reap(parent: &Path) -> Vec<String> {
         send_signal(&postmasters, libc::SIGQUIT);
         send_signal(&postmasters, libc::SIGCONT);
         let deadline = Instant::now() + DROP_GRACE;
-        while postmasters.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+        while postmasters.iter().any(|&pid| is_alive(pid)) && Instant::now() < deadline {
             thread::sleep(POLL);
         }
-        let stuck: Vec<u32> = postmasters.into_iter().filter(|&pid| alive(pid)).collect();
+        let stuck: Vec<u32> = postmasters
+            .into_iter()
+            .filter(|&pid| is_alive(pid))
+            .collect();
         send_signal(&stuck, libc::SIGKILL);
         if fs::remove_dir_all(&dir).is_ok() {
             reaped.push(dir.display().to_string());
@@ -71,8 +74,7 @@ fn owner_is_gone(dir: &Path) -> bool {
 
 /// The postmaster of the data dir `node`, if it runs and is that dir's.
 fn postmaster_of(node: &Path, cluster: &Path) -> Option<u32> {
-    let pid_file = fs::read_to_string(node.join("postmaster.pid")).ok()?;
-    let pid: u32 = pid_file.lines().next()?.trim().parse().ok()?;
+    let pid = pid_file(node)?;
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let needle = cluster.as_os_str().as_encoded_bytes();
     cmdline
@@ -81,22 +83,10 @@ fn postmaster_of(node: &Path, cluster: &Path) -> Option<u32> {
         .then_some(pid)
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie has exited: its parent (init, for an orphan) has yet to reap it.
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    })
-}
-
 /// Field 22 of `/proc/PID/stat`, in clock ticks since boot: with the PID,
 /// it names one process for the machine's uptime.
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: the
-    // fields after it start at the last ") ".
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_fields(pid)?.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -142,12 +132,12 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(
-            alive(postmaster),
+            is_alive(postmaster),
             "orphaned, not stopped, by the owner's death"
         );
 
         assert_eq!(reap(parent.path()), [dir.display().to_string()]);
-        assert!(!alive(postmaster));
+        assert!(!is_alive(postmaster));
         assert!(!dir.exists());
         assert!(reap(parent.path()).is_empty());
     }
