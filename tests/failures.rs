@@ -225,6 +225,13 @@ async fn pool_exhaustion_is_53300() {
     waiter.batch_execute("select 1").await.unwrap();
 }
 
+/// The values of `table`'s column `v` on the primary, in order.
+async fn written(client: &tokio_postgres::Client, table: &str) -> String {
+    let sql =
+        format!("/* tidepool: primary */ select string_agg(v::text, ',' order by v) from {table}");
+    simple_value(client, &sql).await
+}
+
 /// A client that leaves while its write waits for a server never has it
 /// run: it saw its connection fail and may be retrying elsewhere.
 #[tokio::test(flavor = "multi_thread")]
@@ -255,14 +262,7 @@ async fn a_write_whose_client_left_while_it_waited_for_a_server_never_runs() {
     // Had it been kept, the insert would run as soon as the commit freed the
     // pool's one connection.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        simple_value(
-            &holder,
-            "/* tidepool: primary */ select string_agg(v::text, ',') from queued"
-        )
-        .await,
-        "1"
-    );
+    assert_eq!(written(&holder, "queued").await, "1");
     assert_eq!(h.metric("tidepool_session_panics_total").await, Some(0));
 }
 
@@ -306,14 +306,7 @@ async fn a_write_whose_client_left_during_a_pause_never_runs() {
     let (tags, code) = stays.until_ready().await;
     assert_eq!((tags.replace('S', ""), code), ("CZ".into(), None));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        simple_value(
-            &c,
-            "/* tidepool: primary */ select string_agg(v::text, ',') from held_back"
-        )
-        .await,
-        "2"
-    );
+    assert_eq!(written(&c, "held_back").await, "2");
 }
 
 /// A replica shutting down (smart shutdown, waiting for an open session)
