@@ -7,7 +7,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use super::unit::wait_while_paused;
+use super::unit::pause;
 use super::*;
 use crate::pool::lane::{LaneEvent, LaneReply};
 use crate::route::hint::Hint;
@@ -140,7 +140,9 @@ impl Session {
         if alone || self.shared.pools.pipeline_depth() < 2 || !self.may_share_a_connection() {
             return Ok(None);
         }
-        wait_while_paused(&self.shared.topology).await;
+        if let Some(pause) = pause(&self.shared.topology) {
+            pause.await;
+        }
         let (destination, reason) = self.route_unit(&Intent::Read, hint);
         // A hinted read asked for a replica, whatever its freshness.
         let floor = (destination == Destination::Replica && hint.is_none())

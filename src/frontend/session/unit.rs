@@ -84,15 +84,12 @@ impl Session {
         intent: &Intent,
         hint: Option<crate::route::hint::Hint>,
     ) -> Result<bool, ClientError> {
-        // The hot path: no pause, nothing to watch.
-        if self.shared.topology.load().paused_until.is_some() {
-            let pause = wait_while_paused(&self.shared.topology);
-            if unless_client_leaves(&mut self.client, pause)
+        if let Some(pause) = pause(&self.shared.topology)
+            && unless_client_leaves(&mut self.client, pause)
                 .await
                 .is_none()
-            {
-                return Err(ClientError::Gone);
-            }
+        {
+            return Err(ClientError::Gone);
         }
         let (destination, reason) = self.route_unit(intent, hint);
         // A hinted read asked for a replica, whatever its freshness.
@@ -384,14 +381,16 @@ async fn unless_client_leaves<T>(
     }
 }
 
-/// Holds a new unit of work while a switchover pauses traffic: the client
-/// sees a pause, not an error. The pause carries its own deadline.
-pub(super) async fn wait_while_paused(topology: &crate::topology::SharedTopology) {
-    // The hot path: no pause, no subscription to topology changes, and a
-    // small future (the wait is boxed) for every statement to carry.
-    if topology.load().paused_until.is_some() {
-        Box::pin(wait_out_pause(topology.clone())).await;
-    }
+/// The wait that holds a new unit of work while a switchover pauses
+/// traffic (the client sees a pause, not an error; the pause carries its
+/// own deadline), or `None`: the hot path, with no subscription to
+/// topology changes and only a pointer (the wait is boxed) for every
+/// statement's future to carry.
+pub(super) fn pause(
+    topology: &crate::topology::SharedTopology,
+) -> Option<std::pin::Pin<Box<impl std::future::Future<Output = ()> + use<>>>> {
+    let paused = topology.load().paused_until.is_some();
+    paused.then(|| Box::pin(wait_out_pause(topology.clone())))
 }
 
 async fn wait_out_pause(topology: crate::topology::SharedTopology) {
